@@ -1,0 +1,70 @@
+"""Triton kernels for the model runtime, each beside its torch reference, registered as custom ops.
+
+The model layers call the functions below. Each one runs its `omni::*` custom op (Triton) when the
+kernels are enabled and the tensor lives where Triton runs (CUDA), and the torch reference otherwise.
+The custom ops have fake implementations, so they trace into torch.compile graphs (CUDA graphs
+included) as single opaque calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.kernels._dispatch import ENABLE_ENV, is_enabled, set_enabled, set_interpret, use_triton
+from workers.kernels.add_rmsnorm import add_rms_norm_op, add_rms_norm_reference
+from workers.kernels.rmsnorm import rms_norm_op, rms_norm_reference
+from workers.kernels.swiglu import silu_mul_op, silu_mul_reference
+
+__all__ = [
+    "ENABLE_ENV",
+    "add_rms_norm",
+    "add_rms_norm_reference",
+    "is_enabled",
+    "rms_norm",
+    "rms_norm_reference",
+    "set_enabled",
+    "set_interpret",
+    "silu_mul",
+    "silu_mul_reference",
+]
+
+
+def _check_norm_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of x (any number of leading dims); result in x.dtype."""
+    _check_norm_weight(x, weight)
+    if use_triton(x):
+        return rms_norm_op(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm; returns (rms_norm(x + residual), x + residual)."""
+    if x.shape != residual.shape or x.dtype != residual.dtype:
+        raise ValueError(
+            f"x {tuple(x.shape)} {x.dtype} and residual {tuple(residual.shape)} {residual.dtype} must match"
+        )
+    _check_norm_weight(x, weight)
+    if use_triton(x):
+        return add_rms_norm_op(x, residual, weight, eps)
+    return add_rms_norm_reference(x, residual, weight, eps)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU: silu(gate) * up. With `up` omitted, `gate` is one fused [..., 2F] tensor (gate half first)."""
+    if up is None:
+        if gate.shape[-1] % 2 != 0:
+            raise ValueError(f"a fused gate/up tensor needs an even last dim, got {gate.shape[-1]}")
+        half = gate.shape[-1] // 2
+        gate, up = gate[..., :half], gate[..., half:]
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match")
+    if use_triton(gate):
+        return silu_mul_op(gate, up)
+    return silu_mul_reference(gate, up)

@@ -1,0 +1,164 @@
+"""Micro-benchmark: each Triton kernel vs its torch reference, eager and torch.compile'd.
+
+    python -m bench.kernels            # markdown table
+    python -m bench.kernels --json     # one JSON object on stdout
+    python -m bench.kernels --out bench/results/kernels.json
+
+Shapes come from the presets: LLM (hidden 4096, ffn 12288) and TTS (hidden 768, ffn 3072) at 1, 64
+and 1024 rows, bfloat16. Two timings per variant, in microseconds per call (medians):
+- `graph_us`: replay of a CUDA graph of many calls (triton.testing.do_bench_cudagraph), i.e. GPU
+  time as the server sees it with CUDA graphs, without Python launch overhead;
+- `launch_us`: plain calls (triton.testing.do_bench), Python dispatch and launch included.
+Needs CUDA; elsewhere it prints {"skipped": ...} and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workers.kernels import add_rms_norm_reference, rms_norm_reference, silu_mul_reference
+from workers.kernels._dispatch import triton, triton_runs_on
+from workers.kernels.add_rmsnorm import add_rms_norm_op
+from workers.kernels.rmsnorm import rms_norm_op
+from workers.kernels.swiglu import silu_mul_op
+from workers.model.presets import LLMArgs, TTSArgs
+
+ROWS = (1, 64, 1024)
+EPS = 1e-6
+DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kernel at one shape: the Triton op, its reference, and the inputs both take."""
+
+    kernel: str
+    model: str
+    rows: int
+    cols: int
+    triton_fn: Callable[..., object]
+    reference_fn: Callable[..., object]
+    inputs: tuple[object, ...]
+
+
+def build_cases(device: torch.device) -> list[Case]:
+    """All kernel x model x rows combinations with random bf16 inputs on `device`."""
+    cases = []
+    models = {"llm": (LLMArgs().hidden, LLMArgs().ffn), "tts": (TTSArgs().hidden, TTSArgs().ffn)}
+    for model, (hidden, ffn) in models.items():
+        weight = torch.randn(hidden, device=device, dtype=DTYPE)
+        for rows in ROWS:
+            x = torch.randn(rows, hidden, device=device, dtype=DTYPE)
+            residual = torch.randn_like(x)
+            gate_up = torch.randn(rows, 2 * ffn, device=device, dtype=DTYPE)
+            gate, up = gate_up[:, :ffn], gate_up[:, ffn:]
+            cases += [
+                Case("rms_norm", model, rows, hidden, rms_norm_op, rms_norm_reference, (x, weight, EPS)),
+                Case("add_rms_norm", model, rows, hidden, add_rms_norm_op, add_rms_norm_reference,
+                     (x, residual, weight, EPS)),
+                Case("silu_mul", model, rows, ffn, silu_mul_op, silu_mul_reference, (gate, up)),
+            ]
+    return cases
+
+
+def _as_tuple(output: object) -> tuple[torch.Tensor, ...]:
+    return output if isinstance(output, tuple) else (output,)  # type: ignore[return-value]
+
+
+def _median_us(fn: Callable[[], object]) -> dict[str, float]:
+    from triton.testing import do_bench, do_bench_cudagraph  # only reached where triton is installed
+
+    fn()
+    torch.cuda.synchronize()
+    return {
+        "graph_us": 1000.0 * do_bench_cudagraph(fn, return_mode="median"),
+        "launch_us": 1000.0 * do_bench(fn, return_mode="median"),
+    }
+
+
+def measure(case: Case) -> dict[str, object]:
+    """Timings of the three variants, speed-ups of Triton over each torch variant, and the max error."""
+    torch._dynamo.reset()  # a fresh compile per shape, clear of dynamo's per-function recompile limit
+    compiled_reference = torch.compile(case.reference_fn, dynamic=False)
+    variants = {
+        "triton": case.triton_fn,
+        "torch_eager": case.reference_fn,
+        "torch_compile": compiled_reference,
+    }
+    timings = {name: _median_us(lambda fn=fn: fn(*case.inputs)) for name, fn in variants.items()}
+    pairs = zip(_as_tuple(case.triton_fn(*case.inputs)), _as_tuple(case.reference_fn(*case.inputs)))
+    result: dict[str, object] = {
+        "kernel": case.kernel, "model": case.model, "rows": case.rows, "cols": case.cols,
+        "max_abs_err": max((got.float() - want.float()).abs().max().item() for got, want in pairs),
+    }
+    for kind in ("graph_us", "launch_us"):
+        us = {name: round(t[kind], 2) for name, t in timings.items()}
+        result[kind] = us
+        result[kind.replace("_us", "_speedup")] = {
+            "vs_eager": round(us["torch_eager"] / us["triton"], 2),
+            "vs_compile": round(us["torch_compile"] / us["triton"], 2),
+        }
+    return result
+
+
+def run() -> dict[str, object]:
+    """The whole benchmark as one JSON-ready dict, or {"skipped": reason} without CUDA + Triton."""
+    if not torch.cuda.is_available():
+        return {"skipped": "CUDA is required: no CUDA device is visible"}
+    device = torch.device("cuda")
+    if not triton_runs_on(device):
+        return {"skipped": "Triton kernels cannot run on CUDA here (triton missing or TRITON_INTERPRET=1)"}
+    torch.manual_seed(0)
+    return {
+        "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "dtype": str(DTYPE).removeprefix("torch."),
+        "results": [measure(case) for case in build_cases(device)],
+    }
+
+
+def markdown_table(report: dict[str, object]) -> str:
+    """A readable table of a `run()` report."""
+    lines = [
+        f"{report['device']} - torch {report['torch']}, triton {report['triton']}, {report['dtype']}",
+        "",
+        "| kernel | model | rows | cols | triton us (graph) | eager us | compile us | x eager | x compile "
+        "| triton us (launch) | eager us | compile us |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:  # type: ignore[union-attr]
+        g, s, launch = r["graph_us"], r["graph_speedup"], r["launch_us"]
+        lines.append(
+            f"| {r['kernel']} | {r['model']} | {r['rows']} | {r['cols']} | {g['triton']} | {g['torch_eager']} "
+            f"| {g['torch_compile']} | {s['vs_eager']} | {s['vs_compile']} | {launch['triton']} "
+            f"| {launch['torch_eager']} | {launch['torch_compile']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
+    args = parser.parse_args(argv)
+    report = run()
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.json or "skipped" in report:
+        print(json.dumps(report))
+    else:
+        print(markdown_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

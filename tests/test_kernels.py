@@ -1,0 +1,331 @@
+"""Triton kernels vs their torch references, the on/off switch, the custom ops under torch.compile.
+
+The Triton interpreter is chosen when the kernels are defined (TRITON_INTERPRET=1 before import),
+so the CPU kernel checks run in one child process (`python -m tests.test_kernels`) that reports a
+JSON verdict per case; this process never sees the interpreter. On CUDA the same checks run natively.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import workers.kernels as kernels
+from workers.kernels._dispatch import row_block_and_warps, use_triton
+from workers.kernels.add_rmsnorm import add_rms_norm_op
+from workers.kernels.rmsnorm import rms_norm_op
+from workers.kernels.swiglu import silu_mul_op
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EPS = 1e-6
+TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 5e-2}
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """One public kernel function on one input shape, dtype and memory layout."""
+
+    kernel: str  # rms_norm | add_rms_norm | silu_mul | silu_mul_fused
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str = "contiguous"  # contiguous | row_strided (rows padded) | transposed (last dim strided)
+
+    @property
+    def id(self) -> str:
+        return f"{self.kernel}-{'x'.join(map(str, self.shape))}-{self.dtype}-{self.layout}"
+
+
+def _cases_for_dtype(dtype: str) -> list[KernelCase]:
+    # 1 row, non-power-of-2 hidden, many rows, 3-D.
+    shapes = [(1, 64), (7, 100), (130, 96), (2, 3, 200)]
+    return [KernelCase(kernel, shape, dtype) for kernel in ("rms_norm", "add_rms_norm", "silu_mul") for shape in shapes] + [
+        KernelCase("silu_mul_fused", (2, 3, 96), dtype)
+    ]
+
+
+INTERPRETER_CASES = [case for dtype in TOLERANCE for case in _cases_for_dtype(dtype)] + [
+    KernelCase("rms_norm", (1, 12288), "float32"),
+    KernelCase("add_rms_norm", (2, 4096), "bfloat16"),
+    KernelCase("silu_mul", (1, 12288), "bfloat16"),
+    KernelCase("rms_norm", (6, 100), "float16", "row_strided"),
+    KernelCase("add_rms_norm", (2, 5, 64), "float32", "transposed"),
+    KernelCase("silu_mul", (3, 4, 100), "bfloat16", "row_strided"),
+]
+CUDA_CASES = INTERPRETER_CASES + [
+    KernelCase(kernel, (rows, hidden), "bfloat16")
+    for kernel, hidden in (("rms_norm", 4096), ("add_rms_norm", 4096), ("add_rms_norm", 768), ("silu_mul", 12288))
+    for rows in (1, 64, 1024)
+]
+
+
+def _make_tensor(shape: tuple[int, ...], dtype: torch.dtype, layout: str, device: str) -> torch.Tensor:
+    if layout == "row_strided":
+        return torch.randn(*shape[:-1], 2 * shape[-1], dtype=dtype, device=device)[..., : shape[-1]]
+    if layout == "transposed":
+        return torch.randn(*shape[:-2], shape[-1], shape[-2], dtype=dtype, device=device).transpose(-1, -2)
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+def check_case(case: KernelCase, device: str) -> str | None:
+    """Run the public function and its reference; None when they agree, else why not."""
+    torch.manual_seed(0)
+    dtype = getattr(torch, case.dtype)
+    x = _make_tensor(case.shape, dtype, case.layout, device)
+    hidden = case.shape[-1]
+    weight = torch.randn(hidden, dtype=dtype, device=device)
+    if case.kernel == "rms_norm":
+        got, want = kernels.rms_norm(x, weight, EPS), kernels.rms_norm_reference(x, weight, EPS)
+    elif case.kernel == "add_rms_norm":
+        residual = _make_tensor(case.shape, dtype, case.layout, device)
+        got = kernels.add_rms_norm(x, residual, weight, EPS)
+        want = kernels.add_rms_norm_reference(x, residual, weight, EPS)
+    elif case.kernel == "silu_mul":
+        up = _make_tensor(case.shape, dtype, case.layout, device)
+        got, want = kernels.silu_mul(x, up), kernels.silu_mul_reference(x, up)
+    else:
+        fused = torch.randn(*case.shape[:-1], 2 * hidden, dtype=dtype, device=device)
+        got = kernels.silu_mul(fused)
+        want = kernels.silu_mul_reference(fused[..., :hidden], fused[..., hidden:])
+    if not use_triton(x):
+        return "the Triton path was not taken"
+    tolerance = TOLERANCE[case.dtype]
+    try:
+        torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+    except AssertionError as mismatch:
+        return str(mismatch)
+    return None
+
+
+def _omni_ops_traced(fn, *args) -> list[str]:
+    """Names of the omni:: custom ops in the graph that make_fx records for fn(*args)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(fn)(*args).graph
+    return sorted({str(node.target) for node in graph.nodes if str(node.target).startswith("omni.")})
+
+
+def interpreter_report() -> dict[str, object]:
+    """What the child process prints: a verdict per case, and the ops traced with the switch on and off."""
+    kernels.set_interpret(True)
+    x = torch.randn(2, 64)
+    weight = torch.randn(64)
+
+    def block(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        normed, residual = kernels.add_rms_norm(x, x, weight, EPS)
+        return kernels.rms_norm(kernels.silu_mul(normed, residual), weight, EPS)
+
+    traced = {}
+    for enabled in (True, False):
+        kernels.set_enabled(enabled)
+        traced["enabled" if enabled else "disabled"] = _omni_ops_traced(block, x, weight)
+    kernels.set_enabled(True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    compiled_equals_eager = torch.equal(compiled(x, weight), block(x, weight))
+    return {
+        "cases": {case.id: check_case(case, "cpu") for case in INTERPRETER_CASES},
+        "traced_ops": traced,
+        "compiled_equals_eager": compiled_equals_eager,
+    }
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, object]:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop(kernels.ENABLE_ENV, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_kernels"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def switch_on():
+    """Kernels enabled for the test, the previous state restored after."""
+    previous = kernels.is_enabled()
+    kernels.set_enabled(True)
+    yield
+    kernels.set_enabled(previous)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda case: case.id)
+def test_kernel_matches_reference_in_interpreter(interpreter_results, case):
+    # Note: the interpreter converts float32 -> bfloat16 by truncation (CUDA rounds to nearest), so
+    # bf16 results may differ from the reference by one ulp here; the tolerance covers it.
+    assert interpreter_results["cases"][case.id] is None, interpreter_results["cases"][case.id]
+
+
+@pytest.mark.slow
+def test_switch_selects_custom_ops_or_reference(interpreter_results):
+    traced = interpreter_results["traced_ops"]
+    assert traced["enabled"] == ["omni.add_rms_norm.default", "omni.rms_norm.default", "omni.silu_mul.default"]
+    assert traced["disabled"] == []
+
+
+@pytest.mark.slow
+def test_dispatch_traces_into_one_compiled_graph_with_kernels_on(interpreter_results):
+    assert interpreter_results["compiled_equals_eager"] is True
+
+
+@pytest.mark.slow
+def test_environment_override_wins_over_set_enabled():
+    script = (
+        "import torch, workers.kernels as k; from workers.kernels._dispatch import use_triton\n"
+        "k.set_interpret(True); k.set_enabled(True); print(k.is_enabled(), use_triton(torch.zeros(1, 64)))"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", kernels.ENABLE_ENV: "0"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.slow
+def test_package_works_without_triton_installed():
+    script = (
+        "import sys; sys.modules['triton'] = None  # makes `import triton` raise ImportError\n"
+        "import torch, workers.kernels as k\n"
+        "x, w = torch.randn(2, 64), torch.randn(64)\n"
+        "assert torch.equal(k.rms_norm(x, w, 1e-6), k.rms_norm_reference(x, w, 1e-6))\n"
+        "assert torch.equal(torch.ops.omni.silu_mul(x, x), k.silu_mul_reference(x, x))\n"
+        "print(k._dispatch.triton is None)"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split() == ["True"]
+
+
+def test_cpu_without_interpreter_uses_reference(switch_on):
+    x = torch.randn(3, 100, dtype=torch.bfloat16)
+    weight = torch.randn(100, dtype=torch.bfloat16)
+    assert not use_triton(x)
+    assert torch.equal(kernels.rms_norm(x, weight, EPS), kernels.rms_norm_reference(x, weight, EPS))
+    assert _omni_ops_traced(lambda x, w: kernels.rms_norm(x, w, EPS), x, weight) == []
+
+
+def test_block_size_is_next_power_of_two_with_more_warps_for_long_rows():
+    assert row_block_and_warps(64) == (64, 4)
+    assert row_block_and_warps(100) == (128, 4)
+    assert row_block_and_warps(768) == (1024, 4)
+    assert row_block_and_warps(4096) == (4096, 8)
+    assert row_block_and_warps(12288) == (16384, 16)
+    with pytest.raises(ValueError, match="65536"):
+        row_block_and_warps(65537)
+
+
+def test_invalid_arguments_are_rejected():
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="hidden size 64"):
+        kernels.rms_norm(x, torch.randn(32), EPS)
+    with pytest.raises(ValueError, match="must match"):
+        kernels.add_rms_norm(x, torch.randn(2, 64, dtype=torch.float16), torch.randn(64), EPS)
+    with pytest.raises(ValueError, match="even last dim"):
+        kernels.silu_mul(torch.randn(2, 63))
+    with pytest.raises(ValueError, match="must match"):
+        kernels.silu_mul(x, torch.randn(2, 32))
+
+
+def _custom_op_args() -> list[tuple[object, tuple]]:
+    x = torch.randn(2, 3, 64)
+    gate_up = torch.randn(2, 3, 128)
+    weight = torch.randn(64)
+    return [
+        (rms_norm_op, (x, weight, EPS)),
+        (add_rms_norm_op, (x, torch.randn_like(x), weight, EPS)),
+        (silu_mul_op, (gate_up[..., :64], gate_up[..., 64:])),
+    ]
+
+
+@pytest.mark.parametrize("index", range(3), ids=["rms_norm", "add_rms_norm", "silu_mul"])
+def test_custom_op_registration_passes_opcheck(index):
+    op, args = _custom_op_args()[index]
+    torch.library.opcheck(op, args)
+
+
+def test_custom_ops_in_a_compiled_graph_on_cpu():
+    def decoder_tail(x, residual, weight, gate_up):
+        normed, new_residual = torch.ops.omni.add_rms_norm(x, residual, weight, EPS)
+        activated = torch.ops.omni.silu_mul(gate_up[..., :64], gate_up[..., 64:])
+        return normed, torch.ops.omni.rms_norm(activated, weight, EPS), new_residual
+
+    def decoder_tail_reference(x, residual, weight, gate_up):
+        normed, new_residual = kernels.add_rms_norm_reference(x, residual, weight, EPS)
+        activated = kernels.silu_mul_reference(gate_up[..., :64], gate_up[..., 64:])
+        return normed, kernels.rms_norm_reference(activated, weight, EPS), new_residual
+
+    x, residual, gate_up = torch.randn(1, 5, 64), torch.randn(1, 5, 64), torch.randn(1, 5, 128)
+    weight = torch.randn(64)
+    compiled = torch.compile(decoder_tail, fullgraph=True)
+    torch.testing.assert_close(
+        compiled(x, residual, weight, gate_up), decoder_tail_reference(x, residual, weight, gate_up)
+    )
+
+
+def test_bench_cases_cover_models_and_rows_and_feed_their_ops():
+    from bench.kernels import ROWS, build_cases
+
+    cases = build_cases(torch.device("cpu"))
+    assert {(c.kernel, c.model, c.rows) for c in cases} == {
+        (kernel, model, rows)
+        for kernel in ("rms_norm", "add_rms_norm", "silu_mul")
+        for model in ("llm", "tts")
+        for rows in ROWS
+    }
+    for case in (c for c in cases if c.rows == 1):
+        torch.testing.assert_close(case.triton_fn(*case.inputs), case.reference_fn(*case.inputs))
+
+
+@pytest.mark.slow
+def test_bench_entry_point_skips_cleanly_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the benchmark would really run")
+    proc = subprocess.run([sys.executable, "-m", "bench.kernels", "--json"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "CUDA is required" in json.loads(proc.stdout)["skipped"]
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda case: case.id)
+def test_kernel_matches_reference_on_cuda(switch_on, case):
+    assert check_case(case, "cuda") is None
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_kernels_inside_cuda_graphs(switch_on):
+    def block(x, residual, weight, gate_up):
+        normed, new_residual = kernels.add_rms_norm(x, residual, weight, EPS)
+        return kernels.rms_norm(kernels.silu_mul(gate_up) * normed, weight, EPS), new_residual
+
+    def block_reference(x, residual, weight, gate_up):
+        normed, new_residual = kernels.add_rms_norm_reference(x, residual, weight, EPS)
+        half = gate_up.shape[-1] // 2
+        activated = kernels.silu_mul_reference(gate_up[..., :half], gate_up[..., half:])
+        return kernels.rms_norm_reference(activated * normed, weight, EPS), new_residual
+
+    compiled = torch.compile(block, mode="reduce-overhead", fullgraph=True)
+    for step in range(4):  # warmup, recording, then replays
+        torch.manual_seed(step)
+        args = [torch.randn(1, 4, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        args += [torch.randn(4096, device="cuda", dtype=torch.bfloat16),
+                 torch.randn(1, 4, 8192, device="cuda", dtype=torch.bfloat16)]
+        torch.testing.assert_close(compiled(*args), block_reference(*args), atol=5e-2, rtol=5e-2)
+
+
+if __name__ == "__main__":
+    print(json.dumps(interpreter_report()))

@@ -1,0 +1,97 @@
+"""When the Triton kernels run, and how they are launched.
+
+Triton is optional: without it `triton` and `tl` are None, the kernel modules skip their
+`@triton.jit` definitions, and every call falls back to the torch reference.
+
+Two switches decide whether the public functions use Triton:
+- `set_enabled()` (driven by config `compile.triton_kernels`), overridden by the environment
+  variable `OMNI_TRITON_KERNELS=0|1` when set;
+- the tensor's device: CUDA, or CPU when the kernels were defined under the Triton interpreter
+  (`TRITON_INTERPRET=1` before the first import of this package) and `set_interpret(True)` was called.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+triton: Any
+tl: Any
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: references only
+    triton = None
+    tl = None
+
+ENABLE_ENV = "OMNI_TRITON_KERNELS"
+# The interpreter is chosen when `@triton.jit` runs, i.e. when the kernel modules are imported.
+KERNELS_INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _read_env_override() -> bool | None:
+    value = os.environ.get(ENABLE_ENV, "").strip().lower()
+    if value == "":
+        return None
+    return value not in ("0", "false", "no", "off")
+
+
+# Read once, so that compiled graphs only guard on module globals (no environment reads while tracing).
+_ENV_OVERRIDE = _read_env_override()
+_enabled = True
+_interpret = False
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the Triton kernels on or off for this process (config `compile.triton_kernels`)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def is_enabled() -> bool:
+    """The switch as it applies now: `OMNI_TRITON_KERNELS` (read at import) wins over `set_enabled()`."""
+    if _ENV_OVERRIDE is not None:
+        return _ENV_OVERRIDE
+    return _enabled
+
+
+def set_interpret(interpret: bool) -> None:
+    """Allow CPU tensors to run the kernels through the Triton interpreter (tests only)."""
+    global _interpret
+    _interpret = bool(interpret)
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can execute on tensors of `device`, ignoring the on/off switch."""
+    if triton is None:
+        return False
+    if device.type == "cuda":
+        return not KERNELS_INTERPRETED
+    return device.type == "cpu" and KERNELS_INTERPRETED and _interpret
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether a public kernel function should call its Triton custom op for `tensor`."""
+    return is_enabled() and triton_runs_on(tensor.device)
+
+
+def row_block_and_warps(n_cols: int) -> tuple[int, int]:
+    """Block (next power of 2 of the row length) and warp count for a one-program-per-row kernel."""
+    block = 1 << max(n_cols - 1, 0).bit_length()
+    if block > 65536:
+        raise ValueError(f"rows of {n_cols} elements exceed the single-block limit of 65536")
+    if block >= 32768:
+        return block, 32
+    if block >= 8192:
+        return block, 16
+    if block >= 2048:
+        return block, 8
+    return block, 4
+
+
+def as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """View `tensor` as [rows, last_dim] with a unit stride on the last dim (copying only if needed)."""
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
