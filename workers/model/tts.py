@@ -1,0 +1,143 @@
+"""MiniCPM TTS (MODEL.md §2.1-2.2, §4 "TTS per speaking unit"): state-dict prefix `tts.`.
+
+A Llama backbone turns a condition (text-token embeddings plus projected LLM hidden states) into speech
+codes, one codebook, 25 codes per second. The code loop in `generate_codes` is eager Python; each step
+is one `model` forward (compile-friendly: static shapes for a given (T, kv_len)) plus sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from workers.model.layers import Decoder, init_module_weights, round_up_kv_len
+from workers.model.presets import TTSArgs
+
+
+class LlamaModel(Decoder):
+    """`tts.model`: plain multi-head attention, no q/k norm; `embed_tokens` is in the checkpoint, unused."""
+
+    def __init__(self, args: TTSArgs) -> None:
+        super().__init__(vocab=args.unused_embed_rows, hidden=args.hidden, layers=args.layers,
+                         heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, ffn=args.ffn,
+                         eps=args.rms_eps, rope_theta=args.rope_theta, max_positions=args.max_positions,
+                         qk_norm=False)
+
+
+class Projector(nn.Module):
+    """linear1 -> ReLU -> linear2, with biases (`projector_semantic`, `projector_spk`)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(in_dim, out_dim)
+        self.linear2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(F.relu(self.linear1(x)))
+
+
+class MiniCPMTTS(nn.Module):
+    """`tts.`: emb_text, emb_code[0], model, projector_semantic, projector_spk, head_code[0] (weight norm)."""
+
+    def __init__(self, args: TTSArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.eos_code = args.num_audio_tokens - 1
+        self.emb_text = nn.Embedding(args.num_text_tokens, args.hidden)
+        self.emb_code = nn.ModuleList([nn.Embedding(args.num_audio_tokens, args.hidden)])
+        self.model = LlamaModel(args)
+        self.projector_semantic = Projector(args.llm_dim, args.hidden)
+        self.projector_spk = Projector(args.llm_dim, args.hidden)
+        head = nn.Linear(args.hidden, args.num_audio_tokens, bias=False)
+        self.head_code = nn.ModuleList([weight_norm(head)])
+        # Effective head matrix g * v / |v|, materialised by fold_weight_norm() (constant at inference).
+        self.register_buffer("head_code_folded", None, persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_folded_head)
+
+    def init_weights(self) -> None:
+        """Random init (MODEL.md §2.4), rotary tables, and a refreshed folded head if one is in use."""
+        init_module_weights(self)
+        self.model.init_rope_tables()
+        if self.head_code_folded is not None:
+            self.fold_weight_norm()
+
+    @torch.no_grad()
+    def fold_weight_norm(self) -> None:
+        """Compute the weight-normed head matrix once; later loads and init_weights() keep it up to date."""
+        self.head_code_folded = self.head_code[0].weight.detach().clone()
+
+    def code_logits(self, hidden_last: Tensor) -> Tensor:
+        """head_code on one position: post-norm hidden [1, hidden] -> float32 logits [1, num_audio_tokens]."""
+        if self.head_code_folded is not None:
+            return F.linear(hidden_last, self.head_code_folded).float()
+        return self.head_code[0](hidden_last).float()
+
+    def build_condition(self, text_ids: Tensor, llm_hidden: Tensor) -> Tensor:
+        """Condition [1, k+1, hidden]: emb_text(id) + L2-normalised projector_semantic(hidden) per kept token,
+        then emb_text(audio_bos). text_ids: LongTensor [k]; llm_hidden: [k, llm_dim] final LLM hidden states.
+        """
+        bos_id = torch.tensor([self.args.audio_bos_token_id], device=text_ids.device)
+        parts = [self.emb_text(bos_id)]
+        if text_ids.numel():
+            semantic = self.projector_semantic(llm_hidden.to(self.emb_text.weight.dtype))
+            parts.insert(0, self.emb_text(text_ids) + F.normalize(semantic, p=2, dim=-1))
+        return torch.cat(parts, dim=0).unsqueeze(0)
+
+    @torch.no_grad()
+    def generate_codes(self, condition: Tensor, slot: int, start_pos: int, temperature: float, min_new: int,
+                       max_new: int, generator: torch.Generator | None, penalty: float = 1.05,
+                       window: int = 16) -> tuple[list[int], int]:
+        """Prefill `condition` at positions [start_pos, ...) of `slot`, then sample up to max_new codes.
+
+        Per step: logits / temperature, sign-aware frequency penalty over the last `window` codes of this
+        call, EOS masked while fewer than min_new codes exist, multinomial with `generator` (argmax when
+        temperature == 0). Stops at EOS (not returned) or after max_new codes; as in Hugging Face generate,
+        the final sampled code is not fed. Returns (codes, next_pos): the next call of the same turn passes
+        next_pos as start_pos; a new turn starts again at 0.
+        """
+        max_len = self.model.cache_max_len
+        if start_pos + condition.shape[1] + max_new > max_len:
+            raise ValueError(f"TTS cache too short: start {start_pos} + condition {condition.shape[1]} "
+                             f"+ {max_new} codes > {max_len}; reset or enlarge the TTS cache")
+        device = condition.device
+        inputs, pos = condition, start_pos
+        codes: list[int] = []
+        sampled: list[Tensor] = []  # the same codes as device tensors, for the penalty window
+        for step in range(max_new):
+            input_pos = torch.arange(pos, pos + inputs.shape[1], device=device)
+            pos += inputs.shape[1]
+            hidden = self.model(inputs, input_pos, slot, round_up_kv_len(pos, max_len))
+            logits = self.code_logits(hidden[:, -1])
+            if temperature > 0:
+                logits = logits / temperature
+            if sampled:
+                logits = frequency_penalty(logits, torch.stack(sampled[-window:]), penalty)
+            if step < min_new:
+                logits[:, self.eos_code] = float("-inf")
+            if temperature > 0:
+                code = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[0, 0]
+            else:
+                code = logits[0].argmax()
+            code_id = int(code.item())
+            if code_id == self.eos_code:
+                break
+            codes.append(code_id)
+            sampled.append(code)
+            if step + 1 < max_new:
+                inputs = self.emb_code[0](code.view(1, 1))
+        return codes, pos
+
+
+def frequency_penalty(logits: Tensor, recent: Tensor, penalty: float) -> Tensor:
+    """Scale logits by penalty**count of their code in `recent`: positive divided, negative multiplied."""
+    counts = torch.bincount(recent, minlength=logits.shape[-1]).to(logits.dtype)
+    scale = torch.pow(torch.full_like(counts, penalty), counts)
+    return torch.where(logits > 0, logits / scale, logits * scale)
+
+
+def _refresh_folded_head(module: MiniCPMTTS, incompatible_keys: object) -> None:
+    """Load post-hook: a folded head must follow newly loaded weight-norm parameters."""
+    if module.head_code_folded is not None:
+        module.fold_weight_norm()
