@@ -1,0 +1,183 @@
+"""Duplex session benchmark: one in-process session over an MP4, per-unit and per-stage timings.
+
+    python -m bench.duplex --preset tiny --device cpu --dtype auto --units 10 --schedule forced \\
+        --mp4 assets/warmup.mp4 --json
+
+The MP4 is decoded into 1 s 16 kHz chunks and 1 fps JPEG frames (workers/media.py); units cycle through
+the clip when more units than seconds are asked for. A warm-up session (`--warmup-units`, default one
+forced cycle) runs first and is not measured, so one-off costs (allocator, kernel selection) stay out of
+the numbers. A unit's time is run_unit + its finalize (the work the worker does per second of input).
+Stage means follow the engine's `timings_ms`: `prefill` includes `vision` and `audio`; `llm` is the
+decode loop; `tts` includes building its condition.
+
+`forced` (default) is MODEL.md §2.4's scripted driver: the work per unit is fixed, so runs compare;
+`natural` lets the (random or real) weights decide. Prints one JSON object with `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import ServiceConfig, SessionSettings
+from workers.engine.engine import DuplexEngine
+from workers.engine.session import DuplexSession, UnitResult
+from workers.media import load_media
+
+SYSTEM_PROMPT = "Streaming Omni Conversation."
+DEFAULT_VOICE = Path("assets/default_voice.wav")
+STAGES = ("vision", "audio", "prefill", "llm", "tts", "token2wav")
+FORCED_CYCLE_UNITS = 8
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.duplex", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=["tiny", "minicpm-o-4.5"], default="tiny")
+    parser.add_argument("--model-path", default=None, help="checkpoint directory (real weights)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--mode", choices=["eager"], default="eager", help="acceleration mode")
+    parser.add_argument("--schedule", choices=["natural", "forced"], default="forced")
+    parser.add_argument("--units", type=_positive_int, default=10, help="measured units")
+    parser.add_argument("--warmup-units", type=int, default=FORCED_CYCLE_UNITS)
+    parser.add_argument("--mp4", default="assets/warmup.mp4")
+    parser.add_argument("--voice", default=str(DEFAULT_VOICE), help="reference voice (16 kHz after decode)")
+    parser.add_argument("--max-slice-nums", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser.parse_args(argv)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def run_units(session: DuplexSession, chunks: list[np.ndarray], frames: list[list], units: int,
+              max_slice_nums: int) -> list[tuple[UnitResult, float, float]]:
+    """(result, unit ms incl. finalize, finalize ms) per unit, cycling through the clip."""
+    out = []
+    for index in range(units):
+        session.push_audio(chunks[index % len(chunks)])
+        start = time.perf_counter()
+        result = session.run_unit(frames[index % len(frames)], max_slice_nums=max_slice_nums)
+        session.finalize()
+        total_ms = (time.perf_counter() - start) * 1000.0
+        out.append((result, total_ms, session.last_finalize_ms))
+        if result.session_end:
+            break
+    return out
+
+
+def summarize(measured: list[tuple[UnitResult, float, float]]) -> dict[str, Any]:
+    listen = [ms for r, ms, _ in measured if r.is_listen]
+    speak = [ms for r, ms, _ in measured if not r.is_listen]
+    stage_means = {stage: statistics.fmean(r.timings_ms.get(stage, 0.0) for r, _, _ in measured)
+                   for stage in STAGES}
+    stage_means["finalize"] = statistics.fmean(fin for _, _, fin in measured)
+    speak_results = [r for r, _, _ in measured if not r.is_listen]
+    decode_steps = sum(r.decode_steps for r in speak_results)
+    tts_codes = sum(r.n_tts_tokens for r in speak_results)
+    return {
+        "listen": {"count": len(listen), "p50_ms": percentile(listen, 50), "p95_ms": percentile(listen, 95)},
+        "speak": {"count": len(speak), "p50_ms": percentile(speak, 50), "p95_ms": percentile(speak, 95)},
+        "stage_means_ms": stage_means,
+        "llm_decode_step_ms": (sum(r.timings_ms.get("llm", 0.0) for r in speak_results) / decode_steps
+                               if decode_steps else None),
+        "tts_decode_step_ms": (sum(r.timings_ms.get("tts", 0.0) for r in speak_results) / tts_codes
+                               if tts_codes else None),
+        "session_end": next((r.session_end for r, _, _ in measured if r.session_end), None),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = ServiceConfig.model_validate({"model": {
+        "preset": args.preset, "model_path": args.model_path, "device": args.device, "dtype": args.dtype,
+        "seed": args.seed, "acceleration": args.mode,
+    }})
+    load_start = time.perf_counter()
+    engine = DuplexEngine(cfg)
+    load_s = time.perf_counter() - load_start
+    clip = load_media(args.mp4)
+    frames = [clip.frame_images(i) for i in range(len(clip.audio_chunks))]
+    chunks = [np.pad(c, (0, 16_000 - c.size)) for c in clip.audio_chunks]
+    voice = (np.concatenate(load_media(args.voice).audio_chunks)
+             if args.voice and Path(args.voice).exists() else None)
+
+    def run_session(units: int) -> list[tuple[UnitResult, float, float]]:
+        session = engine.new_session("bench", schedule=args.schedule)
+        try:
+            session.prepare(SYSTEM_PROMPT, SessionSettings(seed=args.seed), voice, None)
+            return run_units(session, chunks, frames, units, args.max_slice_nums)
+        finally:
+            session.close()
+
+    if args.warmup_units > 0:
+        run_session(args.warmup_units)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    measured = run_session(args.units)
+
+    peak = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if engine.device.type == "cuda":
+        peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(engine.device)
+    report = {
+        "benchmark": "duplex",
+        "device": device_name(engine.device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "preset": engine.info["preset"],
+        "weights": engine.info["weights"],
+        "dtype": engine.info["dtype"],
+        "logits_dtype": engine.info["logits_dtype"],
+        "mode": args.mode,
+        "schedule": args.schedule,
+        "units": len(measured),
+        "warmup_units": args.warmup_units,
+        "max_slice_nums": args.max_slice_nums,
+        "load_s": load_s,
+        **summarize(measured),
+        "peak_memory": peak,
+        "command": "python -m bench.duplex " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key}: {value}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""`DuplexEngine`: one per worker. Builds or loads the model, tokenizer and token2wav once, owns the KV slots.
+
+Device and dtype policy (`model.device`, `model.dtype`):
+* device `auto` = `cuda` when available, else `cpu`;
+* dtype `auto` = bfloat16 on CUDA, float32 on CPU plus a bfloat16 copy of the LM head for decode
+  logits. Measured on the 2-core development CPU (torch 2.13, AVX-512 BF16/AMX): a whole bfloat16 LLM
+  decode step is no faster than float32 (≈ 9 ms) and pays a large one-off cost (≈ 100 ms per step) for
+  every new attention-length bucket, while the fixed-shape head alone gains ≈ 1.8 ms per step;
+* an explicit dtype applies to the whole model. Token2wav always runs in float32 (as the reference).
+
+KV slots: `service.sessions_per_worker` slots of `duplex.max_kv_tokens` positions in the LLM cache (and
+TTS max positions in the TTS cache); a session takes a free slot and gives it back on close.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.config import ServiceConfig
+from workers.engine.decoding import forbidden_mask
+from workers.engine.session import DuplexSession, Schedule
+from workers.model import tokens
+from workers.model.checkpoint import load_checkpoint
+from workers.model.omni import OmniModel, build_model
+from workers.model.presets import get_preset
+from workers.model.token2wav import Token2Wav
+from workers.model.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NoFreeSlotError(RuntimeError):
+    """Every KV slot of this worker is taken by an open session."""
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """`auto` -> cuda if available else cpu; anything else as given."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The model dtype for a config dtype name on `device` (`auto`: bfloat16 on CUDA, float32 on CPU)."""
+    if name != "auto":
+        return DTYPES[name]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class DuplexEngine:
+    """Shared weights and slot bookkeeping for the sessions of one worker."""
+
+    def __init__(self, cfg: ServiceConfig, device: str | torch.device | None = None) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(device if device is not None else cfg.model.device)
+        dtype = resolve_dtype(cfg.model.dtype, self.device)
+        base = get_preset(cfg.model.preset)
+        torch.manual_seed(cfg.model.seed)
+        if cfg.model.model_path:
+            self.model, report = load_checkpoint(
+                cfg.model.model_path, self.device, dtype, base=base,
+                allow_partial_load=cfg.model.allow_partial_load,
+            )
+            weights = "real" if report.complete else "partial"
+        else:
+            self.model: OmniModel = build_model(base, self.device, dtype)
+            weights = "random"
+        self.model.tts.fold_weight_norm()  # the head's weight norm is constant at inference
+        args = self.model.args
+        self.tokenizer = load_tokenizer(cfg.model.model_path)
+        self.token2wav = Token2Wav(args.token2wav, device=self.device, dtype=torch.float32)
+        self.slots = cfg.service.sessions_per_worker
+        self.max_kv_tokens = min(cfg.duplex.max_kv_tokens, args.llm.max_positions)
+        self.model.llm.model.setup_caches(self.slots, self.max_kv_tokens)
+        self.model.tts.model.setup_caches(self.slots, args.tts.max_positions)
+        self.logits_head = self._cpu_logits_head(cfg)
+        vocab = args.llm.vocab
+        self.forbidden_mask = forbidden_mask(vocab, self.tokenizer.bad_token_ids, self.device)
+        self.control_mask = torch.arange(vocab, device=self.device) >= tokens.FIRST_ADDED_TOKEN
+        self.default_voice = _load_voice(cfg.model.default_voice_path)
+        self._free_slots = list(range(self.slots))
+        self._slot_lock = threading.Lock()
+        self.info = {
+            "preset": base.name,
+            "weights": weights,
+            "device": str(self.device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "logits_dtype": str(self.logits_head.dtype if self.logits_head is not None else dtype)
+            .removeprefix("torch."),
+            "acceleration": "eager",
+            "slots": self.slots,
+            "max_kv_tokens": self.max_kv_tokens,
+        }
+
+    def _cpu_logits_head(self, cfg: ServiceConfig) -> torch.Tensor | None:
+        """On CPU with dtype `auto`, a bfloat16 copy of the LM head for decode logits (None elsewhere).
+
+        The 151 748-row head is most of a tiny-preset decode step; in bfloat16 it takes ≈ 4.5 ms instead of
+        ≈ 6.3 ms (2-core development CPU). Its one shape is warmed here, so no step pays the first-call cost.
+        """
+        if self.device.type != "cpu" or cfg.model.dtype != "auto":
+            return None
+        head = self.model.llm.lm_head.weight.detach().to(torch.bfloat16)
+        torch.nn.functional.linear(torch.zeros(1, head.shape[1], dtype=head.dtype), head)
+        return head
+
+    def new_session(self, session_id: str, schedule: Schedule = "natural") -> DuplexSession:
+        """A session on a free KV slot; raises NoFreeSlotError when all are taken."""
+        with self._slot_lock:
+            if not self._free_slots:
+                raise NoFreeSlotError(f"all {self.slots} KV slots are in use")
+            slot = self._free_slots.pop(0)
+        return DuplexSession(self, session_id, slot, schedule=schedule)
+
+    def release_slot(self, slot: int) -> None:
+        with self._slot_lock:
+            if slot not in self._free_slots:
+                self._free_slots.append(slot)
+                self._free_slots.sort()
+
+    @property
+    def free_slots(self) -> int:
+        with self._slot_lock:
+            return len(self._free_slots)
+
+
+def _load_voice(path: str | None) -> np.ndarray | None:
+    """The default reference voice as 16 kHz float32 samples (None when not configured)."""
+    if not path:
+        return None
+    from workers.media import load_media
+
+    clip = load_media(Path(path))
+    return np.concatenate(clip.audio_chunks)

@@ -1,0 +1,488 @@
+"""One duplex session (MODEL.md §3.2-§4): prepare, per-unit prefill + generate + TTS + vocoder, finalize.
+
+All per-session state lives on the `DuplexSession` object: its KV slot position and unit ledger, the
+audio buffer and streaming audio encoder, the turn state, the TTS position, the vocoder stream, the
+recent-token window and the random generator. `prepare` resets every piece of it, so nothing leaks from
+one session (or one prepare) to the next.
+
+Units (PROTOCOL.md §4 rows 9-10): a unit runs only when `unit_chunk_samples` (16 000) new samples are
+buffered; the first unit is left-padded with 560 zeros to 16 560 samples, as the reference does.
+
+Schedules: `natural` follows the model's own decisions (MODEL.md §4). `forced` is the scripted
+behaviour driver of MODEL.md §2.4 for random-weight benchmarks: listen 3 units, then 5 speaking units
+of all 20 decode steps (19 fed tokens + terminator, no 28-character cap) with 25 TTS codes each, the
+5th ending the turn, and repeat. It runs the same forward calls; only the token choice is scripted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from common.config import SessionSettings
+from workers.engine.context import KVLedger, PolicyLimits, UnitRecord
+from workers.engine.decoding import DecodeParams, choose_token
+from workers.model import tokens
+from workers.model.apm import StreamingAudioEncoder
+from workers.model.image import slice_image
+from workers.model.layers import round_up_kv_len
+
+if TYPE_CHECKING:
+    from workers.engine.engine import DuplexEngine
+    from workers.model.omni import OmniModel
+    from workers.model.token2wav import Token2WavStream
+
+Schedule = Literal["natural", "forced"]
+
+FIRST_UNIT_SAMPLES = 16_560  # MODEL.md §4: the first unit is left-padded to 1.035 s
+OUTPUT_SAMPLE_RATE = 24_000
+MAX_UNIT_TEXT_CHARS = 28
+PREVIOUS_HEADER = "\n\nprevious: "  # the context policy's block of dropped units' text (MODEL.md §5)
+TTS_CODES_PER_UNIT = 26  # max new codes per speaking unit (and min, except a turn's first and last unit)
+AUDIO_EMBEDS_PER_UNIT = 10  # 1 s of audio -> 10 LLM embeddings
+VISION_WRAP_TOKENS = 2  # <image>/<slice> and </image>/</slice> around each image's embeddings
+
+# Forced schedule (MODEL.md §2.4): per cycle, listening units then speaking units, the last ends the turn.
+FORCED_LISTEN_UNITS = 3
+FORCED_SPEAK_UNITS = 5
+FORCED_TTS_CODES = 25
+
+
+@dataclass
+class PrepareResult:
+    prompt_length: int  # characters of the assembled prompt string (wire compatibility)
+    prompt_tokens: int  # KV length after prepare
+
+
+@dataclass
+class UnitResult:
+    is_listen: bool
+    text: str
+    audio: np.ndarray  # float32 24 kHz; empty when listening
+    end_of_turn: bool
+    n_tokens: int  # text tokens kept in this unit
+    n_tts_tokens: int
+    kv_cache_length: int  # after generate, before finalize
+    vision_slices: int
+    vision_tokens: int
+    # prefill (vision + audio + the LLM forward), vision, audio, llm (decode loop), tts (incl. tts_prep),
+    # tts_prep, token2wav, generate (llm + tts + token2wav); stages that did not run are absent
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    session_end: str | None = None  # "context_full" when the unit could not run
+    unit_index: int = 0
+    decode_steps: int = 0  # LLM forwards during generate (for per-step timing)
+
+
+@dataclass
+class _Generated:
+    """What the generate loop of one unit produced."""
+
+    fed_ids: list[int] = field(default_factory=list)
+    text_ids: list[int] = field(default_factory=list)
+    text_hidden: list[torch.Tensor] = field(default_factory=list)
+    terminator: int = tokens.LISTEN
+    spoke: bool = False
+    end_of_turn: bool = False
+    forwards: int = 0
+
+
+@dataclass
+class _PendingFinalize:
+    start: int
+    index: int
+    kind: Literal["listen", "speak"]
+    fed_ids: list[int]
+    terminator: int
+    text: str
+
+
+class _Timer:
+    """Per-stage wall-clock times in ms; synchronises CUDA at stage boundaries so times are real."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.ms: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1000.0
+
+
+class DuplexSession:
+    """Per-session duplex state on one KV slot of the engine's shared model."""
+
+    def __init__(self, engine: DuplexEngine, session_id: str, slot: int, schedule: Schedule = "natural") -> None:
+        self.engine = engine
+        self.session_id = session_id
+        self.slot = slot
+        self.schedule: Schedule = schedule
+        self.closed = False
+        self.last_finalize_ms = 0.0
+        self._reset(engine.cfg.duplex.session_defaults)
+
+    # ----------------------------------------------------------------------------------------- state
+    def _reset(self, settings: SessionSettings) -> None:
+        """Fresh per-session state for `settings` (every field takes effect for this session only)."""
+        engine = self.engine
+        self.settings = settings
+        self.params = DecodeParams.from_settings(settings)
+        self.generator = torch.Generator(device=engine.device)
+        if settings.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(settings.seed)
+        duplex = engine.cfg.duplex
+        cap = min(engine.max_kv_tokens, settings.max_kv_tokens or engine.max_kv_tokens)
+        limits = PolicyLimits.clamp(cap, duplex.sliding_high_tokens, duplex.sliding_low_tokens,
+                                    duplex.context_max_units, duplex.context_previous_tokens)
+        self.ledger = KVLedger(duplex.context_policy, limits)
+        self.position = 0  # next LLM KV position of this slot
+        self.audio_buffer = np.zeros(0, dtype=np.float32)
+        self.audio_encoder = StreamingAudioEncoder(engine.model)
+        self.units_run = 0
+        self.recent_ids: deque[int] = deque(maxlen=self.params.repetition_window)
+        self.turn_open = False
+        self.turn_text_tokens = 0
+        self.turn_speaking_units = 0
+        self.tts_position = 0
+        self.vocoder: Token2WavStream | None = None
+        self.pending: _PendingFinalize | None = None
+        self.prepared = False
+
+    # ---------------------------------------------------------------------------------- model calls
+    @property
+    def _model(self) -> OmniModel:
+        return self.engine.model
+
+    def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Feed embeddings [1, T, H] at the next positions; returns the final hidden states [1, T, H]."""
+        llm = self._model.llm
+        count = embeds.shape[1]
+        input_pos = torch.arange(self.position, self.position + count, device=embeds.device)
+        kv_len = round_up_kv_len(self.position + count, llm.model.cache_max_len)
+        hidden = llm.model(embeds.to(self._model.llm_dtype), input_pos, self.slot, kv_len)
+        self.position += count
+        return hidden
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        return self._model.llm.embed(torch.tensor(ids, dtype=torch.long, device=self.engine.device))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [V] of the last position of hidden [1, T, H] (the engine's CPU head if it has one)."""
+        head = self.engine.logits_head
+        if head is None:
+            return self._model.llm.logits(hidden[:, -1])[0]
+        return F.linear(hidden[:, -1].to(head.dtype), head)[0].float()
+
+    def evict_positions(self, start: int, end: int, length: int) -> None:
+        """KVOperations: drop KV positions [start, end) of this slot and shift the rest left."""
+        self._model.llm.model.evict(self.slot, start, end, length)
+        self.position -= end - start
+
+    def write_positions(self, ids: list[int], start: int) -> None:
+        """KVOperations: re-encode token ids at positions [start, start + len(ids)) of this slot."""
+        llm = self._model.llm
+        input_pos = torch.arange(start, start + len(ids), device=self.engine.device)
+        kv_len = round_up_kv_len(start + len(ids), llm.model.cache_max_len)
+        llm.model(self._embed(ids), input_pos, self.slot, kv_len)
+
+    # --------------------------------------------------------------------------------------- prepare
+    @torch.no_grad()
+    def prepare(self, system_prompt: str, settings: SessionSettings, ref_audio: np.ndarray | None,
+                tts_ref_audio: np.ndarray | None) -> PrepareResult:
+        """Reset the session and prefill the protected system block (MODEL.md §3.2) in one forward.
+
+        `ref_audio` (16 kHz) becomes voice embeddings inside the audio span (the engine's default voice
+        when None); `tts_ref_audio` (falls back to the voice) initialises the vocoder stream.
+        """
+        self._require_open()
+        self._reset(settings)
+        voice = ref_audio if ref_audio is not None else self.engine.default_voice
+        head_text = f"system\n{system_prompt}\n"
+        head_ids = [tokens.IM_START, *self.engine.tokenizer.encode(head_text), tokens.AUDIO_START]
+        parts = [self._embed(head_ids)]
+        if voice is not None and voice.size:
+            voice_embeds = self.audio_encoder.encode_offline(voice)
+            parts.append(voice_embeds.reshape(1, -1, voice_embeds.shape[-1]).to(self._model.llm_dtype))
+        parts.append(self._embed([tokens.AUDIO_END, tokens.IM_END]))
+        self._forward(torch.cat(parts, dim=1))
+        self.ledger.set_prefix(self.position, self.engine.tokenizer.encode(PREVIOUS_HEADER))
+        if settings.generate_audio:
+            vocoder_voice = tts_ref_audio if tts_ref_audio is not None else voice
+            self.vocoder = self.engine.token2wav.new_stream(vocoder_voice)
+        self.prepared = True
+        prompt = f"<|im_start|>{head_text}<|audio_start|><|audio_end|><|im_end|>"
+        return PrepareResult(prompt_length=len(prompt), prompt_tokens=self.position)
+
+    # ------------------------------------------------------------------------------------------ audio
+    def push_audio(self, samples: np.ndarray) -> None:
+        """Append validated float32 16 kHz samples to the session buffer."""
+        self.audio_buffer = np.concatenate([self.audio_buffer, np.asarray(samples, dtype=np.float32)])
+
+    def ready_units(self) -> int:
+        """Complete units buffered (each needs `unit_chunk_samples` new samples)."""
+        return len(self.audio_buffer) // self.engine.cfg.duplex.unit_chunk_samples
+
+    def _take_unit_audio(self) -> np.ndarray:
+        size = self.engine.cfg.duplex.unit_chunk_samples
+        samples, self.audio_buffer = self.audio_buffer[:size], self.audio_buffer[size:]
+        if self.units_run == 0:
+            samples = np.concatenate([np.zeros(FIRST_UNIT_SAMPLES - size, dtype=np.float32), samples])
+        return samples
+
+    # -------------------------------------------------------------------------------------------- unit
+    @torch.no_grad()
+    def run_unit(self, frames: list[Image.Image], force_listen: bool = False,
+                 max_slice_nums: int | None = None) -> UnitResult:
+        """Run one unit on the oldest buffered second of audio plus `frames`.
+
+        Waits for the previous unit's finalize, prefills `<unit>`, vision and audio in one forward,
+        generates, synthesises speech, and leaves `[T, </unit>]` pending for `finalize()`.
+        """
+        self._require_open()
+        if not self.prepared:
+            raise RuntimeError("run_unit before prepare")
+        if self.ready_units() < 1:
+            raise RuntimeError("run_unit needs a complete unit of buffered audio")
+        self.finalize()
+        timer = _Timer(self.engine.device)
+        unit_index = self.units_run
+        samples = self._take_unit_audio()
+        with timer.stage("prefill"):
+            with timer.stage("vision"):
+                images = [piece for frame in frames
+                          for piece in slice_image(frame, max_slice_nums or 1, self._model.args.vision)]
+            queries = self._model.args.resampler.queries
+            prefill_len = 1 + len(images) * (queries + VISION_WRAP_TOKENS) + AUDIO_EMBEDS_PER_UNIT
+            if not self.ledger.make_room(prefill_len + self.settings.max_new_speak_tokens_per_chunk + 2, self):
+                self.units_run += 1
+                return self._context_full_result(unit_index, timer)
+            with timer.stage("vision"):
+                vision_embeds = self._model.encode_images(images) if images else None
+            with timer.stage("audio"):
+                audio_embeds = self.audio_encoder.feed(samples)
+            start = self.position
+            hidden = self._forward(self._prefill_embeds(vision_embeds, audio_embeds))
+            logits = self._logits(hidden)
+        with timer.stage("llm"):
+            generated = self._generate(logits, unit_index, force_listen)
+        kv_length = self.position
+        audio, n_codes = self._speak(generated, timer)
+        self.units_run += 1
+        text = self.engine.tokenizer.decode(generated.text_ids)
+        self.pending = _PendingFinalize(
+            start=start, index=unit_index, kind="speak" if generated.spoke else "listen",
+            fed_ids=generated.fed_ids, terminator=generated.terminator, text=text,
+        )
+        timer.ms["generate"] = sum(timer.ms.get(k, 0.0) for k in ("llm", "tts", "token2wav"))
+        return UnitResult(
+            is_listen=not generated.spoke, text=text if generated.spoke else "", audio=audio,
+            end_of_turn=generated.end_of_turn, n_tokens=len(generated.text_ids), n_tts_tokens=n_codes,
+            kv_cache_length=kv_length, vision_slices=len(images), vision_tokens=len(images) * queries,
+            timings_ms=timer.ms, unit_index=unit_index, decode_steps=generated.forwards,
+        )
+
+    def _prefill_embeds(self, vision_embeds: torch.Tensor | None, audio_embeds: torch.Tensor) -> torch.Tensor:
+        """`<unit> [<image> v </image> (<slice> v </slice>)*] a×10` as one [1, T, H] tensor."""
+        parts = [self._embed([tokens.UNIT_START])]
+        if vision_embeds is not None:
+            for index, image_embeds in enumerate(vision_embeds):
+                start_id, end_id = ((tokens.IMAGE_START, tokens.IMAGE_END) if index == 0
+                                    else (tokens.SLICE_START, tokens.SLICE_END))
+                parts += [self._embed([start_id]), image_embeds[None].to(self._model.llm_dtype),
+                          self._embed([end_id])]
+        parts.append(audio_embeds.reshape(1, -1, audio_embeds.shape[-1]).to(self._model.llm_dtype))
+        return torch.cat(parts, dim=1)
+
+    def _context_full_result(self, unit_index: int, timer: _Timer) -> UnitResult:
+        """The unit did not run: the cap leaves no room and the policy cannot free any."""
+        return UnitResult(
+            is_listen=True, text="", audio=np.zeros(0, dtype=np.float32), end_of_turn=False, n_tokens=0,
+            n_tts_tokens=0, kv_cache_length=self.position, vision_slices=0, vision_tokens=0,
+            timings_ms=timer.ms, session_end="context_full", unit_index=unit_index,
+        )
+
+    # ---------------------------------------------------------------------------------------- generate
+    def _forced_listen(self, unit_index: int, force_listen: bool) -> bool:
+        if force_listen or unit_index < self.settings.force_listen_count:
+            return True
+        if self.schedule == "forced":
+            return self._forced_cycle_position(unit_index) < FORCED_LISTEN_UNITS
+        return False
+
+    @staticmethod
+    def _forced_cycle_position(unit_index: int) -> int:
+        return unit_index % (FORCED_LISTEN_UNITS + FORCED_SPEAK_UNITS)
+
+    def _scripted_token(self, logits: torch.Tensor, step: int, max_steps: int, unit_index: int) -> int:
+        """Forced schedule: <|speak|>, then text tokens chosen by the decode rule, <|turn_eos|> at the end
+        of the turn's last unit (the terminator step is forced by the caller)."""
+        if step == 0:
+            return tokens.SPEAK
+        ends_turn = self._forced_cycle_position(unit_index) == FORCED_LISTEN_UNITS + FORCED_SPEAK_UNITS - 1
+        if ends_turn and step == max_steps - 2:
+            return tokens.TURN_EOS
+        text_only = logits.masked_fill(self.engine.control_mask, float("-inf"))
+        return choose_token(text_only, self.params, self.recent_ids, self.engine.forbidden_mask, self.generator)
+
+    def _generate(self, logits: torch.Tensor, unit_index: int, force_listen: bool) -> _Generated:
+        """The per-unit generate loop of MODEL.md §4 (terminators are deferred to finalize)."""
+        out = _Generated()
+        forced_listen = self._forced_listen(unit_index, force_listen)
+        scripted = self.schedule == "forced" and not forced_listen
+        if forced_listen and self.turn_open:  # barge-in: close the open turn first
+            self._forward(self._embed([tokens.TURN_EOS]))
+            out.fed_ids.append(tokens.TURN_EOS)
+            out.forwards += 1
+            out.end_of_turn = True
+            self._end_turn()
+        max_steps = self.settings.max_new_speak_tokens_per_chunk
+        for step in range(max_steps):
+            if forced_listen:
+                token = tokens.LISTEN
+            elif step == max_steps - 1:
+                token = tokens.CHUNK_EOS
+            elif scripted:
+                token = self._scripted_token(logits, step, max_steps, unit_index)
+            else:
+                token = choose_token(logits, self.params, self.recent_ids, self.engine.forbidden_mask,
+                                     self.generator)
+            if token == tokens.LISTEN and self.turn_open:
+                token = tokens.TTS_BOS  # a turn only ends via <|turn_eos|>
+            self.recent_ids.append(token)
+            if token in tokens.UNIT_TERMINATORS:
+                out.terminator = token
+                break
+            is_text = not tokens.is_control(token)
+            max_tokens = self.settings.max_tokens
+            if is_text and max_tokens is not None and self.turn_text_tokens >= max_tokens:
+                token, is_text = tokens.TURN_EOS, False  # the turn's text budget is spent
+            if is_text and not scripted:
+                candidate = self.engine.tokenizer.decode([*out.text_ids, token])
+                if len(candidate) >= MAX_UNIT_TEXT_CHARS:
+                    out.terminator = tokens.CHUNK_EOS
+                    break
+            hidden = self._forward(self._embed([token]))
+            out.fed_ids.append(token)
+            out.forwards += 1
+            out.spoke = True
+            if token == tokens.TURN_EOS:
+                out.end_of_turn = True
+                self.turn_open = False
+            else:
+                self.turn_open = True
+            if is_text:
+                out.text_ids.append(token)
+                out.text_hidden.append(hidden[0, -1])
+                self.turn_text_tokens += 1
+            if not forced_listen and step + 1 < max_steps - 1:
+                logits = self._logits(hidden)
+        out.spoke = out.spoke or self.turn_open  # an open turn keeps speaking even with nothing new fed
+        return out
+
+    # ------------------------------------------------------------------------------------ TTS + vocoder
+    def _speak(self, generated: _Generated, timer: _Timer) -> tuple[np.ndarray, int]:
+        """TTS codes and 24 kHz audio of a speaking unit; handles the end of the turn. (audio, codes)."""
+        empty = np.zeros(0, dtype=np.float32)
+        if not generated.spoke:
+            return empty, 0
+        audio, codes = empty, []
+        if self.settings.generate_audio:
+            tts = self._model.tts
+            with timer.stage("tts"):
+                with timer.stage("tts_prep"):
+                    condition = self._tts_condition(generated)
+                first_or_last = self.turn_speaking_units == 0 or generated.end_of_turn
+                if self.schedule == "forced":
+                    min_new = max_new = FORCED_TTS_CODES
+                else:
+                    min_new, max_new = (0 if first_or_last else TTS_CODES_PER_UNIT), TTS_CODES_PER_UNIT
+                if self.tts_position + condition.shape[1] + max_new > tts.model.cache_max_len:
+                    self.tts_position = 0  # a very long turn: restart the TTS context
+                codes, self.tts_position = tts.generate_codes(
+                    condition, self.slot, self.tts_position, self.settings.tts_temperature, min_new, max_new,
+                    self.generator,
+                )
+            with timer.stage("token2wav"):
+                pieces = [self.vocoder.push(codes)]
+                if generated.end_of_turn:
+                    pieces.append(self.vocoder.flush())
+                audio = np.concatenate(pieces).astype(np.float32, copy=False)
+            if not generated.end_of_turn and audio.size < OUTPUT_SAMPLE_RATE:
+                audio = np.concatenate([np.zeros(OUTPUT_SAMPLE_RATE - audio.size, dtype=np.float32), audio])
+        self.turn_speaking_units += 1
+        if generated.end_of_turn:
+            self._end_turn()
+        return audio, len(codes)
+
+    def _tts_condition(self, generated: _Generated) -> torch.Tensor:
+        tts = self._model.tts
+        text_ids = torch.tensor(generated.text_ids, dtype=torch.long, device=self.engine.device)
+        if generated.text_hidden:
+            hidden = torch.stack(generated.text_hidden)
+        else:
+            hidden = torch.zeros(0, tts.args.llm_dim, device=self.engine.device)
+        return tts.build_condition(text_ids, hidden)
+
+    def _end_turn(self) -> None:
+        """Close the turn: the TTS context restarts and the vocoder returns to its turn-start state.
+
+        At a natural end the caller has flushed the vocoder first; a barge-in drops pending speech.
+        """
+        self.turn_open = False
+        self.turn_text_tokens = 0
+        self.turn_speaking_units = 0
+        self.tts_position = 0
+        if self.vocoder is not None:
+            self.vocoder.reset_turn()
+
+    # ---------------------------------------------------------------------------------------- finalize
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Feed the pending `[T, </unit>]`, record the unit and apply the context policy. Idempotent."""
+        pending = self.pending
+        if pending is None:
+            return
+        start_time = time.perf_counter()
+        self.pending = None
+        self._forward(self._embed([pending.terminator, tokens.UNIT_END]))
+        self.ledger.record(UnitRecord(
+            index=pending.index, length=self.position - pending.start, kind=pending.kind,
+            ids=[*pending.fed_ids, pending.terminator, tokens.UNIT_END], text=pending.text,
+        ))
+        self.ledger.after_finalize(self)
+        if self.engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.last_finalize_ms = (time.perf_counter() - start_time) * 1000.0
+
+    # ------------------------------------------------------------------------------------------- close
+    def close(self) -> None:
+        """Free the KV slot and drop the TTS/vocoder/audio state. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.pending = None
+        self.vocoder = None
+        self.audio_buffer = np.zeros(0, dtype=np.float32)
+        self.engine.release_slot(self.slot)
+
+    def _require_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(f"session {self.session_id} is closed")
