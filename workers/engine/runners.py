@@ -152,7 +152,8 @@ class DecoderRunner:
         """
         count = x.shape[1]
         if start_pos < 0 or start_pos + count > self.max_len:
-            raise ValueError(f"positions {start_pos}..{start_pos + count} exceed the slot length {self.max_len}")
+            raise ValueError(f"positions {start_pos}..{start_pos + count} exceed the slot length "
+                             f"{self.max_len}")
         x = x.to(self._inputs[1].dtype) if self.mode == "fast" else x
         graphs_before = dynamo_graph_count()
         with _triton_kernels(self.triton_kernels):
@@ -214,7 +215,7 @@ class DecoderRunner:
 
     # ---------------------------------------------------------------------------------------- fast path
     def _fast_forward(self, x: Tensor, start_pos: int, slot: int) -> Tensor:
-        """Split into bucket-sized chunks; tokens too close to the end of the slot for padding go one by one."""
+        """Split into bucket-sized chunks; tokens too near the slot's end for padding go one by one."""
         count = x.shape[1]
         lengths = (1, *self.prefill_buckets)
         pieces, offset = [], 0

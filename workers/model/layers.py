@@ -7,7 +7,9 @@
 * Keys are stored after RoPE, so a cache can drop a span of positions and re-rotate the kept keys
   (`Decoder.evict`) without recomputing them.
 * The math of norms and the gated MLP goes through the small module-level functions `rms_norm`,
-  `add_rms_norm` and `silu_mul`, the single place where fused kernels can be swapped in.
+  `add_rms_norm` and `silu_mul`. Where the Triton kernels run (CUDA, switch on; see `workers.kernels`)
+  they call the `omni::*` custom ops, which trace into torch.compile graphs as single calls, so eager
+  and compiled code run the same kernels; elsewhere they compute the Hugging Face reference math.
 * `Decoder.fuse_projections()` (optional, after loading) packs q/k/v and gate/up into one matrix each
   while the checkpoint-named parameters stay as views into it, so `state_dict()` keeps its names.
 """
@@ -19,11 +21,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from workers import kernels
+
 INIT_STD = 0.02  # MODEL.md §2.4
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm over the last dim, computed in fp32 and scaled in the input dtype (as Hugging Face does)."""
+    """RMSNorm over the last dim, computed in fp32 and scaled in the input dtype (as Hugging Face does).
+
+    The Triton kernel (where it runs) also applies the weight in fp32 before rounding: same result up to
+    one rounding of the output.
+    """
+    if kernels.use_triton(x):
+        return kernels.rms_norm(x, weight, eps)
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
@@ -31,12 +41,17 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def add_rms_norm(residual: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Residual add followed by RMSNorm; returns (residual + delta, rms_norm(residual + delta))."""
+    if kernels.use_triton(residual):
+        normed, summed = kernels.add_rms_norm(delta, residual, weight, eps)
+        return summed, normed
     summed = residual + delta
     return summed, rms_norm(summed, weight, eps)
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
-    """SwiGLU activation: silu(gate) * up."""
+    """SwiGLU activation: silu(gate) * up (the Triton kernel computes it in fp32)."""
+    if kernels.use_triton(gate):
+        return kernels.silu_mul(gate, up)
     return F.silu(gate) * up
 
 
@@ -134,9 +149,25 @@ class Attention(nn.Module):
         groups = self.heads // self.kv_heads
         q = q.reshape(batch, self.kv_heads, groups * seq, self.head_dim)
         visible = torch.arange(kv_len, device=x.device)[None, :] <= input_pos[:, None]  # [T, kv_len]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.repeat(groups, 1))
+        if seq == 1:
+            out = _decode_attention(q, keys, values, visible)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.repeat(groups, 1))
         out = out.view(batch, self.heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, q_size)
         return self.o_proj(out)
+
+
+def _decode_attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor) -> Tensor:
+    """Attention of one position, written out: q [1, kv_heads, groups, D] over keys/values
+    [1, kv_heads, kv_len, D] with visible [1, kv_len]; softmax in fp32.
+
+    Fused SDPA kernels spread their work over (heads x query blocks), only kv_heads blocks for a decode
+    step, so their time grows with kv_len on a nearly idle GPU; two batched matmuls and a softmax spread
+    over kv_len instead.
+    """
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    return torch.matmul(weights.to(values.dtype), values)
 
 
 class MLP(nn.Module):
