@@ -12,11 +12,22 @@ decode loop; `tts` includes building its condition.
 
 `forced` (default) is MODEL.md §2.4's scripted driver: the work per unit is fixed, so runs compare;
 `natural` lets the (random or real) weights decide. Prints one JSON object with `--json`.
+
+`--mode eager,compile-default,fast` measures several acceleration modes side by side in one run (one
+engine per mode, built, warmed, measured and freed in turn) and reports speak/listen p50 ratios:
+* `eager`: plain PyTorch modules;
+* `compile-default`: the reference system's setting, torch.compile(mode="default", dynamic=True) on
+  vpm, resampler and the LLM and TTS backbones;
+* `fast`: the decoders' CUDA-graph runners (workers/engine/runners.py) plus torch.compile of the
+  fixed-shape encoders (and token2wav with `--fast-compile token2wav`).
+`setup_s` is the time from an engine built to its first measured unit: compile, graph capture and the
+warm-up session.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import resource
@@ -29,8 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import ServiceConfig, SessionSettings
+from common.config import CompileConfig, ServiceConfig, SessionSettings
+from workers.compile import apply_torch_compile, configure_compile_cache
 from workers.engine.engine import DuplexEngine
+from workers.engine.runners import MODES
 from workers.engine.session import DuplexSession, UnitResult
 from workers.media import load_media
 
@@ -47,13 +60,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    return modes
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.duplex", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=["tiny", "minicpm-o-4.5"], default="tiny")
     parser.add_argument("--model-path", default=None, help="checkpoint directory (real weights)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    parser.add_argument("--mode", choices=["eager"], default="eager", help="acceleration mode")
+    parser.add_argument("--mode", type=_modes, default=["eager"],
+                        help=f"acceleration mode(s), comma-separated from {', '.join(MODES)}")
+    parser.add_argument("--fast-compile", default="vpm,resampler",
+                        help="modules torch.compile'd in fast mode (vpm, resampler, apm, token2wav)")
+    parser.add_argument("--cache-dir", default="torch_compile_cache", help="TORCHINDUCTOR_CACHE_DIR")
     parser.add_argument("--schedule", choices=["natural", "forced"], default="forced")
     parser.add_argument("--units", type=_positive_int, default=10, help="measured units")
     parser.add_argument("--warmup-units", type=int, default=FORCED_CYCLE_UNITS)
@@ -116,22 +141,26 @@ def summarize(measured: list[tuple[UnitResult, float, float]]) -> dict[str, Any]
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def accelerate(engine: DuplexEngine, mode: str, fast_compile: list[str]) -> None:
+    """Compile what `mode` compiles besides the decoder runners (which the engine built)."""
+    if mode == "compile-default":
+        apply_torch_compile(engine, CompileConfig(mode="default", dynamic=True, modules=["vpm", "resampler"]))
+    elif mode == "fast":
+        engine.warmup_decoders()
+        if fast_compile:
+            apply_torch_compile(engine, CompileConfig(mode="default", dynamic=False, modules=fast_compile))
+
+
+def measure_mode(args: argparse.Namespace, mode: str, chunks: list[np.ndarray], frames: list[list],
+                 voice: np.ndarray | None) -> dict[str, Any]:
+    """Build an engine in `mode`, warm it up with one forced cycle, measure `args.units` units."""
     cfg = ServiceConfig.model_validate({"model": {
         "preset": args.preset, "model_path": args.model_path, "device": args.device, "dtype": args.dtype,
-        "seed": args.seed, "acceleration": args.mode,
+        "seed": args.seed, "acceleration": mode,
     }})
     load_start = time.perf_counter()
     engine = DuplexEngine(cfg)
     load_s = time.perf_counter() - load_start
-    clip = load_media(args.mp4)
-    frames = [clip.frame_images(i) for i in range(len(clip.audio_chunks))]
-    chunks = [np.pad(c, (0, 16_000 - c.size)) for c in clip.audio_chunks]
-    voice = (np.concatenate(load_media(args.voice).audio_chunks)
-             if args.voice and Path(args.voice).exists() else None)
 
     def run_session(units: int) -> list[tuple[UnitResult, float, float]]:
         session = engine.new_session("bench", schedule=args.schedule)
@@ -141,42 +170,92 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         finally:
             session.close()
 
+    setup_start = time.perf_counter()
+    accelerate(engine, mode, [m for m in args.fast_compile.split(",") if m])
     if args.warmup_units > 0:
         run_session(args.warmup_units)
+    setup_s = time.perf_counter() - setup_start
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     measured = run_session(args.units)
-
     peak = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if engine.device.type == "cuda":
         peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(engine.device)
-    report = {
-        "benchmark": "duplex",
+    result = {
+        "mode": mode,
         "device": device_name(engine.device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_threads": torch.get_num_threads(),
-        "preset": engine.info["preset"],
-        "weights": engine.info["weights"],
         "dtype": engine.info["dtype"],
         "logits_dtype": engine.info["logits_dtype"],
-        "mode": args.mode,
-        "schedule": args.schedule,
+        "weights": engine.info["weights"],
+        "preset": engine.info["preset"],
+        "max_kv_tokens": engine.max_kv_tokens,
+        "load_s": load_s,
+        "setup_s": setup_s,
         "units": len(measured),
+        **summarize(measured),
+        "recompiles_after_warmup": engine.recompiles_since_warmup(),
+        "peak_memory": peak,
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configure_compile_cache(args.cache_dir)
+    clip = load_media(args.mp4)
+    frames = [clip.frame_images(i) for i in range(len(clip.audio_chunks))]
+    chunks = [np.pad(c, (0, 16_000 - c.size)) for c in clip.audio_chunks]
+    voice = (np.concatenate(load_media(args.voice).audio_chunks)
+             if args.voice and Path(args.voice).exists() else None)
+    modes = {}
+    for mode in args.mode:
+        modes[mode] = measure_mode(args, mode, chunks, frames, voice)
+        gc.collect()  # the mode's engine (≈ 19 GB at full size) goes before the next one is built
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    first = next(iter(modes.values()))
+    report: dict[str, Any] = {
+        "benchmark": "duplex",
+        "device": first["device"],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "preset": first["preset"],
+        "weights": first["weights"],
+        "schedule": args.schedule,
         "warmup_units": args.warmup_units,
         "max_slice_nums": args.max_slice_nums,
-        "load_s": load_s,
-        **summarize(measured),
-        "peak_memory": peak,
+        "modes": modes,
         "command": "python -m bench.duplex " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+    if len(modes) == 1:  # one mode: its numbers at the top level too
+        report.update({k: v for k, v in first.items() if k not in report})
+    report["speedups"] = speedups(modes)
     if args.json:
         print(json.dumps(report))
     else:
-        for key, value in report.items():
-            print(f"{key}: {value}")
+        print(json.dumps(report, indent=2))
     return report
+
+
+def speedups(modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """p50 ratios of each mode against `compile-default` (the reference's setting) and `eager`."""
+    out: dict[str, Any] = {}
+    for base in ("compile-default", "eager"):
+        if base not in modes:
+            continue
+        for mode, result in modes.items():
+            if mode == base:
+                continue
+            for kind in ("speak", "listen"):
+                ours, theirs = result[kind]["p50_ms"], modes[base][kind]["p50_ms"]
+                if ours and theirs:
+                    out[f"{mode}_vs_{base}_{kind}_p50"] = theirs / ours
+    return out
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 
 from common.config import ServiceConfig
 from workers.engine.decoding import forbidden_mask
+from workers.engine.runners import DecoderRunner, Mode
 from workers.engine.session import DuplexSession, Schedule
 from workers.model import tokens
 from workers.model.checkpoint import load_checkpoint
@@ -45,6 +46,13 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_acceleration(name: str, device: torch.device) -> Mode:
+    """`auto` -> `fast` on CUDA, `eager` on CPU (where `service.compile` compiles the modules in place)."""
+    if name != "auto":
+        return name  # type: ignore[return-value]
+    return "fast" if device.type == "cuda" else "eager"
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -80,6 +88,13 @@ class DuplexEngine:
         self.max_kv_tokens = min(cfg.duplex.max_kv_tokens, args.llm.max_positions)
         self.model.llm.model.setup_caches(self.slots, self.max_kv_tokens)
         self.model.tts.model.setup_caches(self.slots, args.tts.max_positions)
+        self.acceleration = resolve_acceleration(cfg.model.acceleration, self.device)
+        runner_options = {"triton_kernels": cfg.compile.triton_kernels and self.acceleration == "fast",
+                          "cuda_graphs": cfg.compile.cuda_graphs and self.acceleration == "fast"
+                          and self.device.type == "cuda"}
+        self.llm_runner = DecoderRunner(self.model.llm.model, self.acceleration, self.max_kv_tokens,
+                                        **runner_options)
+        self.tts_runner = DecoderRunner(self.model.tts.model, self.acceleration, **runner_options)
         self.logits_head = self._cpu_logits_head(cfg)
         vocab = args.llm.vocab
         self.forbidden_mask = forbidden_mask(vocab, self.tokenizer.bad_token_ids, self.device)
@@ -94,7 +109,7 @@ class DuplexEngine:
             "dtype": str(dtype).removeprefix("torch."),
             "logits_dtype": str(self.logits_head.dtype if self.logits_head is not None else dtype)
             .removeprefix("torch."),
-            "acceleration": "eager",
+            "acceleration": self.acceleration,
             "slots": self.slots,
             "max_kv_tokens": self.max_kv_tokens,
         }
@@ -110,6 +125,19 @@ class DuplexEngine:
         head = self.model.llm.lm_head.weight.detach().to(torch.bfloat16)
         torch.nn.functional.linear(torch.zeros(1, head.shape[1], dtype=head.dtype), head)
         return head
+
+    def warmup_decoders(self) -> None:
+        """Compile and capture every decoder shape a session can need, for every slot (no-op in eager).
+
+        Writes scratch K/V into the slots, so it runs before any session takes one.
+        """
+        slots = range(self.slots)
+        self.llm_runner.warmup(slots)
+        self.tts_runner.warmup(slots)
+
+    def recompiles_since_warmup(self) -> int:
+        """Compiles and graph captures the decoders needed after `warmup_decoders()` (must stay 0)."""
+        return self.llm_runner.recompiles_since_warmup() + self.tts_runner.recompiles_since_warmup()
 
     def new_session(self, session_id: str, schedule: Schedule = "natural") -> DuplexSession:
         """A session on a free KV slot; raises NoFreeSlotError when all are taken."""

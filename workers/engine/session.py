@@ -34,7 +34,6 @@ from workers.engine.decoding import DecodeParams, choose_token
 from workers.model import tokens
 from workers.model.apm import StreamingAudioEncoder
 from workers.model.image import slice_image
-from workers.model.layers import round_up_kv_len
 
 if TYPE_CHECKING:
     from workers.engine.engine import DuplexEngine
@@ -173,12 +172,8 @@ class DuplexSession:
 
     def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
         """Feed embeddings [1, T, H] at the next positions; returns the final hidden states [1, T, H]."""
-        llm = self._model.llm
-        count = embeds.shape[1]
-        input_pos = torch.arange(self.position, self.position + count, device=embeds.device)
-        kv_len = round_up_kv_len(self.position + count, llm.model.cache_max_len)
-        hidden = llm.model(embeds.to(self._model.llm_dtype), input_pos, self.slot, kv_len)
-        self.position += count
+        hidden = self.engine.llm_runner(embeds.to(self._model.llm_dtype), self.position, self.slot)
+        self.position += embeds.shape[1]
         return hidden
 
     def _embed(self, ids: list[int]) -> torch.Tensor:
@@ -198,10 +193,7 @@ class DuplexSession:
 
     def write_positions(self, ids: list[int], start: int) -> None:
         """KVOperations: re-encode token ids at positions [start, start + len(ids)) of this slot."""
-        llm = self._model.llm
-        input_pos = torch.arange(start, start + len(ids), device=self.engine.device)
-        kv_len = round_up_kv_len(start + len(ids), llm.model.cache_max_len)
-        llm.model(self._embed(ids), input_pos, self.slot, kv_len)
+        self.engine.llm_runner(self._embed(ids), start, self.slot)
 
     # --------------------------------------------------------------------------------------- prepare
     @torch.no_grad()
@@ -418,7 +410,7 @@ class DuplexSession:
                     self.tts_position = 0  # a very long turn: restart the TTS context
                 codes, self.tts_position = tts.generate_codes(
                     condition, self.slot, self.tts_position, self.settings.tts_temperature, min_new, max_new,
-                    self.generator,
+                    self.generator, backbone=self.engine.tts_runner,
                 )
             with timer.stage("token2wav"):
                 pieces = [self.vocoder.push(codes)]

@@ -7,6 +7,8 @@ is one `model` forward (compile-friendly: static shapes for a given (T, kv_len))
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,6 +16,9 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from workers.model.layers import Decoder, init_module_weights, round_up_kv_len
 from workers.model.presets import TTSArgs
+
+# (x [1, T, H], start_pos, slot) -> post-norm hidden [1, T, H]: how a caller runs the backbone.
+BackboneCall = Callable[[Tensor, int, int], Tensor]
 
 
 class LlamaModel(Decoder):
@@ -88,14 +93,15 @@ class MiniCPMTTS(nn.Module):
     @torch.no_grad()
     def generate_codes(self, condition: Tensor, slot: int, start_pos: int, temperature: float, min_new: int,
                        max_new: int, generator: torch.Generator | None, penalty: float = 1.05,
-                       window: int = 16) -> tuple[list[int], int]:
+                       window: int = 16, backbone: BackboneCall | None = None) -> tuple[list[int], int]:
         """Prefill `condition` at positions [start_pos, ...) of `slot`, then sample up to max_new codes.
 
         Per step: logits / temperature, sign-aware frequency penalty over the last `window` codes of this
         call, EOS masked while fewer than min_new codes exist, multinomial with `generator` (argmax when
         temperature == 0). Stops at EOS (not returned) or after max_new codes; as in Hugging Face generate,
         the final sampled code is not fed. Returns (codes, next_pos): the next call of the same turn passes
-        next_pos as start_pos; a new turn starts again at 0.
+        next_pos as start_pos; a new turn starts again at 0. `backbone(x, start_pos, slot)` runs the
+        Llama backbone (an acceleration runner); by default `self.model` is called directly.
         """
         max_len = self.model.cache_max_len
         if start_pos + condition.shape[1] + max_new > max_len:
@@ -106,9 +112,12 @@ class MiniCPMTTS(nn.Module):
         codes: list[int] = []
         sampled: list[Tensor] = []  # the same codes as device tensors, for the penalty window
         for step in range(max_new):
-            input_pos = torch.arange(pos, pos + inputs.shape[1], device=device)
+            if backbone is None:
+                input_pos = torch.arange(pos, pos + inputs.shape[1], device=device)
+                hidden = self.model(inputs, input_pos, slot, round_up_kv_len(pos + inputs.shape[1], max_len))
+            else:
+                hidden = backbone(inputs, pos, slot)
             pos += inputs.shape[1]
-            hidden = self.model(inputs, input_pos, slot, round_up_kv_len(pos, max_len))
             logits = self.code_logits(hidden[:, -1])
             if temperature > 0:
                 logits = logits / temperature

@@ -1,0 +1,58 @@
+"""A whole tiny-preset session gives the same greedy tokens eager and accelerated (issue 6, tier 3).
+
+Two engines with the same seed (so the same random weights) run the same 10-unit session on the
+warmup MP4 with greedy decoding and `force_listen_count` 0, so the weights decide every unit: one
+engine eager, one in the `fast` mode (each decoder layer compiled by inductor's C++ backend, prefill
+padded to buckets, bucketed attention lengths, fused projections; no CUDA graphs on CPU), and one with
+`service.compile`'s in-place torch.compile of the backbones (the worker's CPU path). Every unit's
+decision, text, token and code counts must be equal, and the audio close.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.config import ServiceConfig, SessionSettings
+from workers.compile import WARMUP_MP4
+from workers.engine.engine import DuplexEngine
+from workers.media import load_media
+
+UNITS = 10
+
+
+def _session_outputs(acceleration: str) -> list[tuple]:
+    cfg = ServiceConfig.model_validate({"model": {"preset": "tiny", "device": "cpu", "dtype": "float32",
+                                                  "acceleration": acceleration, "seed": 7}})
+    engine = DuplexEngine(cfg)
+    engine.warmup_decoders()
+    clip = load_media(WARMUP_MP4)
+    session = engine.new_session("equivalence")
+    settings = SessionSettings(decode_mode="greedy", force_listen_count=0, seed=0)
+    session.prepare("You are a helpful assistant.", settings, None, None)
+    outputs = []
+    for index in range(UNITS):
+        session.push_audio(clip.audio_chunks[index % len(clip.audio_chunks)])
+        result = session.run_unit(clip.frame_images(index % len(clip.audio_chunks)))
+        session.finalize()
+        outputs.append((result.is_listen, result.text, result.n_tokens, result.n_tts_tokens,
+                        result.end_of_turn, result.kv_cache_length, result.audio))
+    session.close()
+    assert engine.recompiles_since_warmup() == 0
+    return outputs
+
+
+def _assert_same_session(expected: list[tuple], actual: list[tuple]) -> None:
+    assert len(actual) == len(expected) == UNITS
+    spoken = 0
+    for unit, (want, got) in enumerate(zip(expected, actual)):
+        assert got[:6] == want[:6], f"unit {unit}: {got[:6]} != {want[:6]}"
+        assert got[6].shape == want[6].shape
+        np.testing.assert_allclose(got[6], want[6], atol=2e-3)
+        spoken += 0 if want[0] else 1
+    assert spoken > 0, "the session never spoke: the comparison would not cover the TTS and vocoder"
+
+
+@pytest.mark.slow
+def test_fast_session_greedy_tokens_equal_eager_tiny_cpu():
+    _assert_same_session(_session_outputs("eager"), _session_outputs("fast"))
