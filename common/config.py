@@ -94,6 +94,18 @@ class LimitsConfig(_Strict):
     queue_hold_bytes: int = Field(128 * 1024 * 1024, ge=1024)
 
 
+class SupervisorConfig(_Strict):
+    """How `python -m server.supervisor` (started by start_all.sh) keeps local workers running."""
+
+    hang_timeout_s: float = Field(10.0, gt=0, description="kill and restart a worker whose /health is silent this long")
+    start_timeout_s: float = Field(180.0, gt=0, description="longest wait for a new worker's first /health answer")
+    backoff_initial_s: float = Field(1.0, ge=0, description="delay before the first restart; doubles per failure")
+    backoff_max_s: float = Field(30.0, ge=0)
+    max_start_failures: int = Field(
+        3, ge=1, description="give up (supervisor exits 1) after this many starts in a row that never got ready"
+    )
+
+
 class ServiceSection(_Strict):
     host: str = "0.0.0.0"
     gateway_port: int = Field(8006, ge=1, le=65535)
@@ -101,6 +113,7 @@ class ServiceSection(_Strict):
     worker_urls: list[str] = Field(default_factory=list, description="extra workers on other hosts")
     compile: bool = Field(True, description="torch.compile the backbones at worker start")
     warmup: bool = True
+    warmup_seconds: float = Field(10.0, ge=1.0, le=60.0, description="seconds of assets/warmup.mp4 to use")
     run_dir: str = "run"
     data_dir: str = "data"
     ref_audio_dir: str | None = Field(None, description="allow-listed directory for prepare.ref_audio_path")
@@ -110,6 +123,7 @@ class ServiceSection(_Strict):
     allow_reprepare: bool = False
     listen_audio: Literal["silence", "empty"] = "silence"
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
 
 
 class DuplexConfig(_Strict):
