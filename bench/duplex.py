@@ -34,6 +34,7 @@ import resource
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", default=None, help="also write the report here (rewritten after each mode)")
     return parser.parse_args(argv)
 
 
@@ -210,35 +212,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     chunks = [np.pad(c, (0, 16_000 - c.size)) for c in clip.audio_chunks]
     voice = (np.concatenate(load_media(args.voice).audio_chunks)
              if args.voice and Path(args.voice).exists() else None)
-    modes = {}
+    modes: dict[str, dict[str, Any]] = {}
+    report: dict[str, Any] = {}
     for mode in args.mode:
-        modes[mode] = measure_mode(args, mode, chunks, frames, voice)
+        try:
+            modes[mode] = measure_mode(args, mode, chunks, frames, voice)
+        except Exception as exc:  # one broken mode must not lose the others' numbers
+            traceback.print_exc()
+            modes[mode] = {"mode": mode, "error": f"{type(exc).__name__}: {exc}"}
         gc.collect()  # the mode's engine (≈ 19 GB at full size) goes before the next one is built
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    first = next(iter(modes.values()))
+        report = build_report(args, argv, modes)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(json.dumps(report, indent=2))
+    return report
+
+
+def build_report(args: argparse.Namespace, argv: list[str] | None, modes: dict[str, dict[str, Any]]
+                 ) -> dict[str, Any]:
+    """The JSON report: run settings, versions, each mode's numbers, and the p50 ratios."""
+    measured = [m for m in modes.values() if "error" not in m]
+    first = measured[0] if measured else {}
     report: dict[str, Any] = {
         "benchmark": "duplex",
-        "device": first["device"],
+        "device": first.get("device"),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
-        "preset": first["preset"],
-        "weights": first["weights"],
+        "preset": args.preset,
+        "weights": first.get("weights"),
         "schedule": args.schedule,
         "warmup_units": args.warmup_units,
         "max_slice_nums": args.max_slice_nums,
         "modes": modes,
         "command": "python -m bench.duplex " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    if len(modes) == 1:  # one mode: its numbers at the top level too
+    if len(modes) == 1 and first:  # one mode: its numbers at the top level too
         report.update({k: v for k, v in first.items() if k not in report})
-    report["speedups"] = speedups(modes)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(json.dumps(report, indent=2))
+    report["speedups"] = speedups({name: m for name, m in modes.items() if "error" not in m})
     return report
 
 

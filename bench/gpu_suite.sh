@@ -14,6 +14,7 @@
 #   SUITE_STEPS       space-separated subset of:
 #                     kernels_test decode_steps fast_equivalence kernels_bench duplex
 #   SUITE_MAX_STEP_S  cap on every step's time limit (seconds)
+#   DUPLEX_MODES, DUPLEX_UNITS, DUPLEX_WARMUP_UNITS   the duplex benchmark's modes and unit counts
 #   PYTHON            interpreter (default python3)
 set -u
 
@@ -72,12 +73,14 @@ fi
 if wanted kernels_bench; then
     step kernels_bench 300 "$PYTHON" -m bench.kernels --out "$OUT/kernels.json"
 fi
-if wanted duplex && [[ -f bench/duplex.py ]]; then
-    for mode in eager compile-default fast; do
-        step "duplex_$mode" 900 "$PYTHON" -m bench.duplex --preset minicpm-o-4.5 --device cuda \
-            --schedule forced --mode "$mode"
-        cp "$OUT/duplex_$mode.out" "$OUT/duplex_$mode.json"
-    done
+if wanted duplex; then
+    # All modes in one process, side by side; the JSON is rewritten after each mode, so a step that
+    # runs out of time still leaves the modes it finished.
+    step duplex 900 "$PYTHON" -m bench.duplex --preset minicpm-o-4.5 --device cuda --schedule forced \
+        --mode "${DUPLEX_MODES:-eager,fast,compile-default}" --units "${DUPLEX_UNITS:-16}" \
+        --warmup-units "${DUPLEX_WARMUP_UNITS:-8}" --out "$OUT/duplex.json"
 fi
 grep -h "skipping cudagraphs" "$OUT"/*.log >>"$SUMMARY" 2>/dev/null || true
+# Logs travel as one archive (the device tool returns at most 8 files).
+tar czf "$OUT/logs.tgz" -C "$OUT" $(cd "$OUT" && ls ./*.log ./*.out 2>/dev/null) && rm -f "$OUT"/*.log "$OUT"/*.out
 echo "== done" | tee -a "$SUMMARY"

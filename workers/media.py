@@ -47,9 +47,8 @@ class MediaClip:
 
 
 def _require_ffmpeg() -> None:
-    for tool in ("ffmpeg", "ffprobe"):
-        if shutil.which(tool) is None:
-            raise MediaError(f"{tool} is not installed or not on PATH; install ffmpeg to decode media files")
+    if shutil.which("ffmpeg") is None:
+        raise MediaError("ffmpeg is not installed or not on PATH; install ffmpeg to decode media files")
 
 
 def _ffmpeg_message(err: ffmpeg.Error) -> str:
@@ -57,48 +56,70 @@ def _ffmpeg_message(err: ffmpeg.Error) -> str:
     return lines[-1] if lines else "ffmpeg failed"
 
 
-def _probe(path: Path) -> dict:
+def _no_such_stream(err: ffmpeg.Error) -> bool:
+    """ffmpeg's answer when a stream specifier (e.g. the file's first audio stream) matches nothing."""
+    return b"matches no streams" in (err.stderr or b"")
+
+
+def _container_duration(path: Path) -> float | None:
+    """The container's duration from ffprobe, None where only ffmpeg is installed (imageio-ffmpeg)."""
+    if shutil.which("ffprobe") is None:
+        return None
     try:
-        return ffmpeg.probe(str(path))
+        duration = ffmpeg.probe(str(path)).get("format", {}).get("duration")
     except ffmpeg.Error as e:
         raise MediaError(f"cannot read media file {path}: {_ffmpeg_message(e)}") from e
+    return float(duration) if duration else None
 
 
 def _decode_audio(path: Path, max_seconds: float | None) -> np.ndarray:
+    """The first audio stream as 16 kHz mono float32."""
     output_args = {"format": "f32le", "acodec": "pcm_f32le", "ac": 1, "ar": SAMPLE_RATE}
     if max_seconds is not None:
         output_args["t"] = max_seconds
     try:
         raw, _ = (
-            ffmpeg.input(str(path))
+            ffmpeg.input(str(path))["a:0"]
             .output("pipe:", **output_args)
             .run(capture_stdout=True, capture_stderr=True)
         )
     except ffmpeg.Error as e:
-        raise MediaError(f"cannot decode the audio of {path}: {_ffmpeg_message(e)}") from e
+        if _no_such_stream(e):
+            raise MediaError(f"{path} has no audio stream; the duplex model needs speech audio") from e
+        raise MediaError(f"cannot read media file {path}: {_ffmpeg_message(e)}") from e
     return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
 
-def _decode_frames(path: Path, width: int, height: int, max_seconds: float | None) -> list[bytes]:
-    """One frame per second as JPEG bytes (ffmpeg's fps filter picks the frame nearest each second)."""
-    output_args = {"format": "rawvideo", "pix_fmt": "rgb24"}
+def _decode_frames(path: Path, max_seconds: float | None) -> list[bytes]:
+    """One frame per second of the first video stream (cover art excluded) as JPEG bytes; [] if none.
+
+    ffmpeg's fps filter picks the frame nearest each second; frames come out as a PPM stream, whose
+    headers carry the size, so no separate probe is needed.
+    """
+    output_args = {"format": "image2pipe", "vcodec": "ppm"}
     if max_seconds is not None:
         output_args["t"] = max_seconds
     try:
         raw, _ = (
-            ffmpeg.input(str(path))
+            ffmpeg.input(str(path))["V:0"]
             .filter("fps", fps=1)
             .output("pipe:", **output_args)
             .run(capture_stdout=True, capture_stderr=True)
         )
     except ffmpeg.Error as e:
+        if _no_such_stream(e):
+            return []
         raise MediaError(f"cannot decode the video of {path}: {_ffmpeg_message(e)}") from e
-    frame_bytes = width * height * 3
+    if not raw:
+        return []
+    first = Image.open(io.BytesIO(raw))  # every frame has the first one's size and header length
+    header = first.tile[0][2]
+    stride = header + first.width * first.height * 3
     frames = []
-    for start in range(0, len(raw) - frame_bytes + 1, frame_bytes):
-        image = Image.frombytes("RGB", (width, height), raw[start : start + frame_bytes])
+    for start in range(0, len(raw) - stride + 1, stride):
+        pixels = raw[start + header : start + stride]
         buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        Image.frombytes("RGB", first.size, pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
         frames.append(buffer.getvalue())
     return frames
 
@@ -114,34 +135,15 @@ def load_media(path: str | Path, require_video: bool = False, max_seconds: float
     _require_ffmpeg()
     if not path.is_file():
         raise MediaError(f"media file not found: {path}")
-    info = _probe(path)
-    streams = info.get("streams", [])
-    audio_stream = next((s for s in streams if s.get("codec_type") == "audio"), None)
-    video_stream = next(
-        (
-            s
-            for s in streams
-            if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")
-        ),
-        None,
-    )
-    if audio_stream is None:
-        raise MediaError(f"{path} has no audio stream; the duplex model needs speech audio")
-    if video_stream is None and require_video:
-        raise MediaError(f"{path} has no video stream, but video frames are required")
-
     samples = _decode_audio(path, max_seconds)
-    container_s = float(info.get("format", {}).get("duration", 0.0))
-    if container_s > 0:  # AAC decoders emit encoder-delay padding past the container's duration
+    container_s = _container_duration(path)
+    if container_s:  # AAC decoders emit encoder-delay padding past the container's duration
         samples = samples[: round(container_s * SAMPLE_RATE)]
     if samples.size == 0:
         raise MediaError(f"{path}: the audio stream decoded to zero samples")
     chunks = [samples[i : i + CHUNK_SAMPLES] for i in range(0, samples.size, CHUNK_SAMPLES)]
-    frames: list[bytes] = []
-    if video_stream is not None:
-        frames = _decode_frames(path, int(video_stream["width"]), int(video_stream["height"]), max_seconds)
-        if require_video and not frames:
-            raise MediaError(f"{path}: the video stream decoded to zero frames")
-        # Frames past the audio's end have no unit to go with.
-        frames = frames[: math.ceil(samples.size / CHUNK_SAMPLES)]
+    frames = _decode_frames(path, max_seconds)
+    if require_video and not frames:
+        raise MediaError(f"{path} has no video stream, but video frames are required")
+    frames = frames[: math.ceil(samples.size / CHUNK_SAMPLES)]  # frames past the audio have no unit
     return MediaClip(path=path, audio_chunks=chunks, frames=frames, duration_s=samples.size / SAMPLE_RATE)
