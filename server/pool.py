@@ -313,7 +313,7 @@ class WorkerPool:
         if worker.offline or (silent_for is not None and silent_for < self.dead_after_s):
             return
         log.warning("worker %d (%s) is offline: no health answer for %.1fs (%s)",
-                    worker.index, worker.url, silent_for or 0.0, exc)
+                    worker.index, worker.url, silent_for or 0.0, repr(exc))
         worker.offline = True
         for assignment in worker.active.values():
             assignment.worker_lost.set()
