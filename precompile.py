@@ -17,22 +17,14 @@ import time
 
 import torch
 
-from common.config import ConfigError, load_config
+from common.config import ConfigError, add_config_arguments, load_config
 from workers import compile as compile_tools
 from workers.worker import Worker
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="config.json path (default: the repository's)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable)",
-    )
+    add_config_arguments(parser)
     parser.add_argument("--gpu-id", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

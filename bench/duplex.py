@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     parser.add_argument("--mode", type=_modes, default=["eager"],
                         help=f"acceleration mode(s), comma-separated from {', '.join(MODES)}")
-    parser.add_argument("--fast-compile", default="vpm,resampler",
+    parser.add_argument("--fast-compile", default="vpm,resampler,token2wav",
                         help="modules torch.compile'd in fast mode (vpm, resampler, apm, token2wav)")
     parser.add_argument("--cache-dir", default="torch_compile_cache", help="TORCHINDUCTOR_CACHE_DIR")
     parser.add_argument("--schedule", choices=["natural", "forced"], default="forced")

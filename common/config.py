@@ -11,6 +11,7 @@ starts from the server defaults in `duplex.session_defaults`; nothing leaks betw
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -73,7 +74,7 @@ class CompileConfig(_Strict):
     dynamic: bool | None = None
     fullgraph: bool = False
     modules: list[Literal["vpm", "llm", "resampler", "tts", "apm", "token2wav"]] = Field(
-        default_factory=lambda: ["vpm", "llm", "resampler", "tts"]
+        default_factory=lambda: ["vpm", "llm", "resampler", "tts", "token2wav"]
     )
     cuda_graphs: bool = True
     triton_kernels: bool = True
@@ -115,7 +116,6 @@ class ServiceSection(_Strict):
     warmup: bool = True
     warmup_seconds: float = Field(10.0, ge=1.0, le=60.0, description="seconds of assets/warmup.mp4 to use")
     run_dir: str = "run"
-    data_dir: str = "data"
     ref_audio_dir: str | None = Field(None, description="allow-listed directory for prepare.ref_audio_path")
     health_poll_s: float = Field(1.0, gt=0)
     worker_dead_after_s: float = Field(5.0, gt=0)
@@ -233,6 +233,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         return ServiceConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, str(source))) from e
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--config PATH` and repeatable `--set KEY=VALUE` (into `args.overrides`) for `load_config`."""
+    parser.add_argument("--config", default=None, help="config.json path (default: the repository's)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key with a dotted name, e.g. --set model.preset=tiny (repeatable)",
+    )
 
 
 def validate_session_settings(base: SessionSettings, overrides: dict[str, Any]) -> SessionSettings:

@@ -12,22 +12,20 @@ import sys
 
 import uvicorn
 
-from common.config import ConfigError, load_config
+from common.config import ConfigError, add_config_arguments, load_config
 from server.app import create_app, default_worker_urls
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="config file (default: config.json of the repository)")
+    add_config_arguments(parser)
     parser.add_argument("--worker-url", action="append", default=[], help="worker base URL (repeatable)")
     parser.add_argument("--num-workers", type=int, default=1, help="local workers when no URL is given")
     parser.add_argument("--host", default=None, help="overrides service.host")
     parser.add_argument("--port", type=int, default=None, help="overrides service.gateway_port")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override with a dotted key, e.g. service.limits.max_queue_size=10")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config, args.set)
+        config = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -13,7 +13,8 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, WebSocket
 
 from common.config import ServiceConfig
-from server.auth import ApiKeyAuth, worker_secret_headers
+from common.worker_secret import worker_secret_headers
+from server.auth import ApiKeyAuth
 from server.legacy import serve_legacy
 from server.metrics import GatewayMetrics
 from server.pool import WorkerPool

@@ -1,4 +1,4 @@
-"""API keys for the gateway and the shared secret between gateway and workers.
+"""API keys for the gateway (the worker secret lives in common/worker_secret.py).
 
 Keys come from `auth.api_keys` and from `auth.api_keys_file` (one key per line, `#` comments and
 blank lines skipped). With no key configured, auth is off and every request passes.
@@ -27,7 +27,6 @@ from common.config import REPO_ROOT, AuthConfig
 KEY_SUBPROTOCOL_PREFIX = "map-api-key."
 REALTIME_SUBPROTOCOL = "map.realtime"
 QUERY_KEY_PARAMS = ("api_key", "token")
-WORKER_SECRET_HEADER = "x-worker-secret"
 UNAUTHORIZED_CLOSE_CODE = 1008
 
 
@@ -138,14 +137,3 @@ async def reject_websocket(
         await websocket.send_json(error_frame)
     await websocket.close(code=UNAUTHORIZED_CLOSE_CODE, reason="unauthorized")
 
-
-def worker_secret_headers(secret: str | None) -> dict[str, str]:
-    """Headers the gateway adds to every request and WebSocket it opens to a worker."""
-    return {WORKER_SECRET_HEADER: secret} if secret else {}
-
-
-def worker_secret_ok(headers: Mapping[str, str], secret: str | None) -> bool:
-    """Worker side: True when no secret is configured or the request carries the right one."""
-    if not secret:
-        return True
-    return hmac.compare_digest(headers.get(WORKER_SECRET_HEADER, "").encode(), secret.encode())

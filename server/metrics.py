@@ -10,16 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
 from fastapi.params import Depends
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from common.metrics import StateGauge, metrics_router
 
 # Seconds. Unit latency targets are well under 1 s on a GPU; CPU runs of the tiny preset reach seconds.
 UNIT_LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -55,14 +50,13 @@ class GatewayMetrics:
         self.units = Counter(
             "omni_gateway_units", "Model units run, by decision.", ("decision",), registry=self.registry
         )
-        self.worker_state = Gauge(
-            "omni_gateway_worker_state", "1 for the state each worker is in, 0 otherwise.",
-            ("worker", "state"), registry=self.registry,
+        self.worker_state = StateGauge(
+            "omni_gateway_worker_state", "1 for the state each worker is in, 0 otherwise.", ("worker",),
+            self.registry,
         )
         self.errors = Counter(
             "omni_gateway_errors", "Error frames sent to clients, by code.", ("code",), registry=self.registry
         )
-        self._worker_states: dict[str, str] = {}
 
     def session_queued(self, kind: str, protocol: str) -> None:
         """A session entered the queue."""
@@ -100,11 +94,7 @@ class GatewayMetrics:
 
     def set_worker_state(self, worker: str, state: str) -> None:
         """Record a worker's current state (e.g. `idle`, `duplex_active`, `offline`)."""
-        previous = self._worker_states.get(worker)
-        if previous is not None and previous != state:
-            self.worker_state.labels(worker, previous).set(0)
-        self.worker_state.labels(worker, state).set(1)
-        self._worker_states[worker] = state
+        self.worker_state.set(state, worker)
 
     def error(self, code: str) -> None:
         """An `error` frame with this code was sent to a client."""
@@ -112,10 +102,4 @@ class GatewayMetrics:
 
     def router(self, dependencies: Sequence[Depends] = ()) -> APIRouter:
         """`GET /metrics` for this registry; pass `dependencies=[Depends(auth)]` to require an API key."""
-        router = APIRouter(dependencies=list(dependencies))
-
-        @router.get("/metrics", include_in_schema=False)
-        def metrics() -> Response:
-            return Response(content=generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
-
-        return router
+        return metrics_router(self.registry, dependencies)

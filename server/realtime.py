@@ -157,7 +157,6 @@ class RealtimeBridge:
         self.frames_warned = False
         self.in_turn = False
         self.turns = 0
-        self.audio_deltas = 0
         self.prompt_tokens = 0
         self.audio_in_tokens = 0
         self.vision_in_tokens = 0
@@ -362,7 +361,6 @@ class RealtimeBridge:
                     "sample_rate": OUTPUT_SAMPLE_RATE, "format": "float32le", "end_of_turn": end_of_turn,
                     "response_id": response_id, "chunk_index": chunk_index,
                 })
-                self.audio_deltas += 1
         if self.in_turn and (end_of_turn or result.get("is_listen")):
             self.in_turn = False
             self.turns += 1

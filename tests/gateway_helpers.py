@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ WORKER_ARGS = ["--host", "127.0.0.1", "--set", "model.preset=tiny", "--set", "se
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -59,15 +61,21 @@ class Service:
                 self.process.wait()
 
 
-def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
-    log = log_path.open("w")
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+def set_args(settings: Iterable[str]) -> list[str]:
+    """`--set KEY=VALUE` command-line arguments for config overrides."""
+    return [arg for setting in settings for arg in ("--set", setting)]
+
+
+def spawn_python(args: list[str], log_path: Path) -> subprocess.Popen:
+    """`python <args>` in the repository, its stdout and stderr written to `log_path`."""
+    with log_path.open("w") as log:
+        return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
 def start_worker(log_dir: Path, *extra: str, name: str = "worker") -> Service:
     port = free_port()
     log_path = log_dir / f"{name}.log"
-    process = _spawn(["-m", "workers.worker", "--port", str(port), *WORKER_ARGS, *extra], log_path)
+    process = spawn_python(["-m", "workers.worker", "--port", str(port), *WORKER_ARGS, *extra], log_path)
     service = Service(process, f"http://127.0.0.1:{port}", log_path)
     if wait_for_workers([(service.http, process.pid)], timeout_s=240) != 0:
         service.stop()
@@ -83,12 +91,10 @@ def http_json(url: str) -> dict[str, Any]:
 def start_gateway(log_dir: Path, worker_urls: list[str], *settings: str, name: str = "gateway") -> Service:
     port = free_port()
     log_path = log_dir / f"{name}.log"
-    args = ["-m", "server", "--host", "127.0.0.1", "--port", str(port)]
+    args = ["-m", "server", "--host", "127.0.0.1", "--port", str(port), *set_args(settings)]
     for url in worker_urls:
         args += ["--worker-url", url]
-    for setting in settings:
-        args += ["--set", setting]
-    service = Service(_spawn(args, log_path), f"http://127.0.0.1:{port}", log_path)
+    service = Service(spawn_python(args, log_path), f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
@@ -99,6 +105,21 @@ def start_gateway(log_dir: Path, worker_urls: list[str], *settings: str, name: s
         time.sleep(0.2)
     service.stop()
     pytest.fail(f"gateway did not start:\n{service.log_tail()}")
+
+
+@contextlib.contextmanager
+def running_stack(log_dir: Path) -> Iterator[str]:
+    """A worker and a gateway in front of it, the worker idle; yields the gateway's http URL."""
+    worker = start_worker(log_dir)
+    try:
+        gateway = start_gateway(log_dir, [worker.http])
+        try:
+            wait_idle(gateway)
+            yield gateway.http
+        finally:
+            gateway.stop()
+    finally:
+        worker.stop()
 
 
 def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.1) -> None:

@@ -1,11 +1,10 @@
 """The CLI client (clients/cli.py) over real sockets.
 
-Until the gateway (server/app.py) exists, the protocol logic is tested against
-`ProtocolScriptServer`: a small real FastAPI/uvicorn server written here that answers per
-PROTOCOL.md §1/§2 with a fixed script (unit n listens when n % 3 == 1, speaks otherwise, and ends
-its turn when n % 3 == 0; speech of unit n is 1 s of the constant n / 100). It also serves the
-browser page, for tests/test_web_page.py. `start_real_stack()` runs the real gateway + worker for
-the end-to-end tests, which skip while those entry points are missing.
+The protocol logic is tested against `ProtocolScriptServer`: a small real FastAPI/uvicorn server
+written here that answers per PROTOCOL.md §1/§2 with a fixed script (unit n listens when n % 3 == 1,
+speaks otherwise, and ends its turn when n % 3 == 0; speech of unit n is 1 s of the constant n / 100),
+so every frame the client gets is known. It also serves the browser page, for tests/test_web_page.py.
+The end-to-end test runs the client against the real gateway + worker (`running_stack()`).
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import os
 import socket
 import subprocess
@@ -27,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import uvicorn
@@ -36,6 +33,7 @@ from PIL import Image
 
 from clients.cli import ClientOptions, Printer, latency_summary, percentile, run_session
 from server.web import web_router
+from tests.gateway_helpers import running_stack
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -215,70 +213,6 @@ def serve(app: FastAPI) -> Iterator[str]:
         sock.close()
 
 
-# ------------------------------------------------------------------ real gateway + worker
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def start_real_stack(tmp_path: Path, startup_timeout_s: float = 300.0) -> Iterator[str]:
-    """Start the real worker and gateway (tiny preset, CPU); yields the gateway's http URL.
-
-    Skips the calling test while `server/__main__.py` or `workers/worker.py` does not exist yet.
-    Both entry points are started with `--config <file>`; the file sets the ports.
-    """
-    for entry in ("server/__main__.py", "workers/worker.py"):
-        if not (REPO_ROOT / entry).is_file():
-            pytest.skip(f"{entry} does not exist yet: the end-to-end test needs the real gateway and worker")
-    gateway_port, worker_port = free_port(), free_port()
-    config = json.loads((REPO_ROOT / "config.json").read_text())
-    config["model"]["preset"] = "tiny"
-    config["service"].update({"host": "127.0.0.1", "gateway_port": gateway_port, "worker_base_port": worker_port,
-                              "compile": False, "warmup": False, "run_dir": str(tmp_path / "run"),
-                              "data_dir": str(tmp_path / "data")})
-    config_path = tmp_path / "config.json"
-    config_path.write_text(json.dumps(config))
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ("worker", "gateway")}
-    commands = {
-        "worker": [PYTHON, "-m", "workers.worker", "--config", str(config_path)],
-        "gateway": [PYTHON, "-m", "server", "--config", str(config_path)],
-    }
-    processes = {name: subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=logs[name], stderr=subprocess.STDOUT)
-                 for name, cmd in commands.items()}
-    base = f"http://127.0.0.1:{gateway_port}"
-    try:
-        deadline = time.monotonic() + startup_timeout_s
-        while True:
-            for name, process in processes.items():
-                if process.poll() is not None:
-                    pytest.fail(f"{name} exited with {process.returncode}:\n{(tmp_path / f'{name}.log').read_text()}")
-            try:
-                health = httpx.get(f"http://127.0.0.1:{worker_port}/health", timeout=2).json()
-                if health.get("status") == "error":
-                    pytest.fail(f"the worker failed to start: {health.get('error')}")
-                if httpx.get(f"{base}/status", timeout=2).json().get("idle_workers", 0) >= 1:
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            assert time.monotonic() < deadline, "the stack did not report an idle worker in time"
-            time.sleep(0.5)
-        yield base
-    finally:
-        for process in processes.values():
-            process.terminate()
-        for process in processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        for log in logs.values():
-            log.close()
-
-
 # ------------------------------------------------------------------ fixtures and helpers
 
 @pytest.fixture(scope="module")
@@ -408,7 +342,7 @@ def test_percentile_nearest_rank() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_cli_end_to_end_against_real_gateway_and_worker(clip_mp4: Path, tmp_path: Path) -> None:
-    with start_real_stack(tmp_path) as base:
+    with running_stack(tmp_path) as base:
         legacy = asyncio.run(run_session(
             ClientOptions(url=base, input=clip_mp4, fast=True, out=tmp_path / "legacy.wav"), _Capture()))
         printer = _Capture()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import websockets
 
-from server.auth import WORKER_SECRET_HEADER
+from common.worker_secret import WORKER_SECRET_HEADER
 from server.wait_workers import wait as wait_for_workers
 from tests.gateway_helpers import (
     REPO,
@@ -30,6 +30,7 @@ from tests.gateway_helpers import (
     open_legacy,
     recv_json,
     send_json,
+    spawn_python,
     start_gateway,
     stop_legacy,
     wait_idle,
@@ -80,9 +81,7 @@ def supervised(tmp_path_factory):
     config_path = folder / "config.json"
     config_path.write_text(json.dumps(config))
     log_path = folder / "supervisor.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "server.supervisor", "--config", str(config_path)],
-                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    process = spawn_python(["-m", "server.supervisor", "--config", str(config_path)], log_path)
     service = SupervisedWorker(process, run_dir, f"http://127.0.0.1:{port}", log_path)
     try:
         assert wait_for_workers([(service.url, process.pid)], timeout_s=120) == 0, log_path.read_text()

@@ -13,13 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.websockets import WebSocketDisconnect
 
 from common.config import AuthConfig
-from server.auth import (
-    WORKER_SECRET_HEADER,
-    ApiKeyAuth,
-    reject_websocket,
-    worker_secret_headers,
-    worker_secret_ok,
-)
+from common.worker_secret import WORKER_SECRET_HEADER, worker_secret_headers, worker_secret_ok
+from server.auth import ApiKeyAuth, reject_websocket
 from server.metrics import GatewayMetrics
 from workers.metrics import WorkerMetrics
 

@@ -2,8 +2,8 @@
 
 Chromium's fake microphone plays a WAV and its fake camera a .y4m, both converted from
 assets/warmup.mp4 with the real ffmpeg. The page is tested against `ProtocolScriptServer`
-(tests/test_cli_client.py: a real server answering the legacy protocol with a fixed script, used
-until the gateway exists), and end to end against the real gateway + worker.
+(tests/test_cli_client.py: a real server answering the legacy protocol with a fixed script), and end
+to end against the real gateway + worker.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_cli_client import ProtocolScriptServer, serve, start_real_stack
+from tests.gateway_helpers import running_stack
+from tests.test_cli_client import ProtocolScriptServer, serve
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -141,9 +142,7 @@ def test_audio_only_page_sends_no_frames(browser: object) -> None:
 
 @pytest.mark.timeout(600)
 def test_page_end_to_end_against_real_gateway_and_worker(browser: object, tmp_path: Path) -> None:
-    with start_real_stack(tmp_path) as base:
-        if httpx.get(f"{base}/").status_code != 200:
-            pytest.skip("the gateway does not serve the page yet (include server.web.web_router() in server/app.py)")
+    with running_stack(tmp_path) as base:
         state = _run_page(browser, f"{base}/", "omni", units=5)
     assert state["units"] >= 4 and state["units_text"] == str(state["units"])
     assert state["wall_text"].endswith("ms")

@@ -11,7 +11,6 @@ import asyncio
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from common.config import REPO_ROOT
+from tests.gateway_helpers import b64_pcm, free_port, set_args
 from workers.media import load_media
 
 pytestmark = pytest.mark.slow
@@ -44,20 +44,6 @@ BASE_SETTINGS = [
     'compile.modules=["llm"]',
     "compile.dynamic=true",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def settings_args(settings: list[str]) -> list[str]:
-    return [arg for setting in settings for arg in ("--set", setting)]
-
-
-def pcm(samples: np.ndarray) -> str:
-    return base64.b64encode(np.asarray(samples, dtype="<f4").tobytes()).decode("ascii")
 
 
 @dataclass
@@ -88,7 +74,7 @@ def precompiled(cache_dir: Path) -> dict:
     """precompile.py on a fresh cache directory: exit code, its JSON summary and the wall time."""
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "precompile.py", *settings_args([*BASE_SETTINGS, f"compile.cache_dir={cache_dir}"])],
+        [sys.executable, "precompile.py", *set_args([*BASE_SETTINGS, f"compile.cache_dir={cache_dir}"])],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -126,7 +112,7 @@ def worker(precompiled: dict, cache_dir: Path, tmp_path_factory) -> Iterator[Wor
     ]
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "workers.worker", "--port", str(port), *settings_args(settings)],
+            [sys.executable, "-m", "workers.worker", "--port", str(port), *set_args(settings)],
             cwd=REPO_ROOT,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -182,7 +168,7 @@ def test_failed_start_reports_error_with_the_reason(tmp_path):
         "auth.worker_secret=s3cret",
     ]
     process = subprocess.Popen(
-        [sys.executable, "-m", "workers.worker", "--port", str(port), *settings_args(settings)],
+        [sys.executable, "-m", "workers.worker", "--port", str(port), *set_args(settings)],
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -258,7 +244,7 @@ async def expect_close(ws: ClientConnection) -> int:
 
 async def test_bad_inputs_keep_the_session(worker):
     async with connect(worker.ws_url("e2e_bad"), max_size=None) as ws:
-        reply = await send(ws, {"type": "audio_chunk", "audio_base64": pcm(np.zeros(16000))})
+        reply = await send(ws, {"type": "audio_chunk", "audio_base64": b64_pcm(np.zeros(16000))})
         assert (reply["type"], reply["code"], reply["chunk_index"]) == ("error", "not_prepared", 0)
         await ws.send("{not json")
         assert json.loads(await ws.recv())["code"] == "bad_json"
@@ -280,22 +266,24 @@ async def test_bad_inputs_keep_the_session(worker):
         await ws.send(b"\x00\x01")
         assert json.loads(await ws.recv())["code"] == "binary_frame"
 
-        short = await send(ws, {"type": "audio_chunk", "audio_base64": pcm(np.zeros(8000))})
+        short = await send(ws, {"type": "audio_chunk", "audio_base64": b64_pcm(np.zeros(8000))})
         assert short["type"] == "result" and short["buffered"] is True and short["units"] == 0
         assert short["current_time"] == 0 and short["audio_data"] == ""
-        long = await send(ws, {"type": "audio_chunk", "audio": pcm(np.full(40000, 0.01))})
+        long = await send(ws, {"type": "audio_chunk", "audio": b64_pcm(np.full(40000, 0.01))})
         assert long["type"] == "result" and long["units"] == 3 and long["current_time"] == 3
         assert long["is_listen"] is True and long["audio_data"] == "" and long["kv_cache_length"] > 0
 
         assert (await send(ws, {"type": "pause", "timeout": 30})) == {"type": "paused", "timeout": 30.0}
         assert (await send(ws, {"type": "pause"}))["type"] == "paused"
-        reply = await send(ws, {"type": "audio_chunk", "audio_base64": pcm(np.zeros(16000))})
+        reply = await send(ws, {"type": "audio_chunk", "audio_base64": b64_pcm(np.zeros(16000))})
         assert (reply["code"], reply["error"]) == ("paused", "Worker is paused")
         assert worker.health()["worker_status"] == "duplex_paused"
         assert (await send(ws, {"type": "resume"})) == {"type": "resumed"}
         assert (await send(ws, {"type": "resume"})) == {"type": "resumed"}
         assert (await send(ws, {"type": "interrupt"})) == {"type": "interrupted"}
-        one = await send(ws, {"type": "audio_chunk", "audio_base64": pcm(np.zeros(16000)), "force_listen": 1})
+        one = await send(
+            ws, {"type": "audio_chunk", "audio_base64": b64_pcm(np.zeros(16000)), "force_listen": 1}
+        )
         assert one["units"] == 1 and one["current_time"] == 4 and one["is_listen"] is True
         assert (await send(ws, {"type": "stop"})) == {"type": "stopped"}
         assert await expect_close(ws) == 1000
@@ -313,7 +301,7 @@ async def test_session_streams_the_warmup_mp4_and_frees_memory(worker):
             frame = base64.b64encode(clip.frames[second]).decode("ascii")
             await ws.send(
                 json.dumps(
-                    {"type": "audio_chunk", "audio_base64": pcm(samples), "frame_base64_list": [frame]}
+                    {"type": "audio_chunk", "audio_base64": b64_pcm(samples), "frame_base64_list": [frame]}
                 )
             )
         results = [json.loads(await ws.recv()) for _ in clip.audio_chunks]
@@ -368,7 +356,7 @@ async def test_pause_timeout_then_idle_timeout(worker):
 
 async def test_context_full_ends_the_session(worker):
     frame = base64.b64encode(load_media(REPO_ROOT / "assets" / "warmup.mp4").frames[0]).decode("ascii")
-    chunk = {"type": "audio_chunk", "audio_base64": pcm(np.zeros(16000)), "frame_base64_list": [frame]}
+    chunk = {"type": "audio_chunk", "audio_base64": b64_pcm(np.zeros(16000)), "frame_base64_list": [frame]}
     async with connect(worker.ws_url("e2e_full"), max_size=None) as ws:
         config = {"max_kv_tokens": 256, "force_listen_count": 1000}
         assert (await send(ws, {"type": "prepare", "config": config}))["type"] == "prepared"

@@ -9,15 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fastapi import APIRouter, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from fastapi import APIRouter
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from common.metrics import StateGauge, metrics_router
 
 # The per-unit stages of UnitResult.timings_ms (docs/ARCHITECTURE.md) plus the deferred finalize.
 UNIT_STAGES = ("prefill", "vision", "audio", "llm", "tts_prep", "tts", "token2wav", "generate", "finalize")
@@ -37,9 +32,8 @@ class WorkerMetrics:
         self.units = Counter(
             "omni_worker_units", "Units run, by decision.", ("decision",), registry=self.registry
         )
-        self.state = Gauge(
-            "omni_worker_state", "1 for the worker's current state, 0 otherwise.", ("state",),
-            registry=self.registry,
+        self.state = StateGauge(
+            "omni_worker_state", "1 for the worker's current state, 0 otherwise.", (), self.registry
         )
         self.start_phase = Gauge(
             "omni_worker_start_phase_seconds", "Duration of each start-up phase.", ("phase",),
@@ -53,7 +47,6 @@ class WorkerMetrics:
         self.errors = Counter(
             "omni_worker_errors", "Error frames sent, by code.", ("code",), registry=self.registry
         )
-        self._current_state: str | None = None
 
     def observe_unit(self, is_listen: bool, timings_ms: Mapping[str, float]) -> None:
         """Record one unit: its decision and the time of each known stage (`UnitResult.timings_ms`)."""
@@ -68,10 +61,7 @@ class WorkerMetrics:
 
     def set_state(self, state: str) -> None:
         """Record the worker status reported by /health (`loading`, `idle`, `duplex_active`, ...)."""
-        if self._current_state is not None and self._current_state != state:
-            self.state.labels(self._current_state).set(0)
-        self.state.labels(state).set(1)
-        self._current_state = state
+        self.state.set(state)
 
     def observe_start_phase(self, phase: str, seconds: float) -> None:
         """Record how long a start-up phase (`load`, `compile`, `warmup`) took."""
@@ -94,10 +84,4 @@ class WorkerMetrics:
 
     def router(self) -> APIRouter:
         """`GET /metrics` serving this registry."""
-        router = APIRouter()
-
-        @router.get("/metrics", include_in_schema=False)
-        def metrics() -> Response:
-            return Response(content=generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
-
-        return router
+        return metrics_router(self.registry)

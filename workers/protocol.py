@@ -38,11 +38,10 @@ WarningItem = dict[str, str]
 class ProtocolError(Exception):
     """A client message is rejected; `code` is the machine-readable code of PROTOCOL.md §4."""
 
-    def __init__(self, code: str, message: str, fatal: bool = False) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
-        self.fatal = fatal
 
 
 def warning(code: str, message: str) -> WarningItem:

@@ -36,8 +36,8 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, WebSocket
 
-from common.config import REPO_ROOT, ConfigError, ServiceConfig, load_config
-from server.auth import worker_secret_ok
+from common.config import REPO_ROOT, ConfigError, ServiceConfig, add_config_arguments, load_config
+from common.worker_secret import worker_secret_ok
 from workers import compile as compile_tools
 from workers.duplex_socket import DuplexSocketSession
 from workers.media import load_media
@@ -453,15 +453,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--port", type=int, default=None, help="default: service.worker_base_port + worker index"
     )
     parser.add_argument("--host", default=None, help="default: service.host")
-    parser.add_argument("--config", default=None, help="config.json path (default: the repository's)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set model.preset=tiny (repeatable)",
-    )
+    add_config_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -91,6 +91,17 @@ def row_block_and_warps(n_cols: int) -> tuple[int, int]:
     return block, 4
 
 
+def launch_per_row(kernel: Any, n_rows: int, n_cols: int, *args: Any) -> None:
+    """Launch a one-program-per-row `kernel` (whole row in one block of `BLOCK`) over `n_rows` rows.
+
+    Nothing is launched for zero rows.
+    """
+    if n_rows == 0:
+        return
+    block, num_warps = row_block_and_warps(n_cols)
+    kernel[(n_rows,)](*args, BLOCK=block, num_warps=num_warps)
+
+
 def as_rows(tensor: torch.Tensor) -> torch.Tensor:
     """View `tensor` as [rows, last_dim] with a unit stride on the last dim (copying only if needed)."""
     rows = tensor.reshape(-1, tensor.shape[-1])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.kernels._dispatch import as_rows, row_block_and_warps, tl, triton, triton_runs_on
+from workers.kernels._dispatch import as_rows, launch_per_row, tl, triton, triton_runs_on
 from workers.kernels.rmsnorm import rms_norm_reference
 
 
@@ -51,13 +51,11 @@ def _add_rms_norm_triton(
     new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out_rows = out.view(-1, x.shape[-1])
     n_rows, n_cols = x_rows.shape
-    if n_rows > 0:
-        block, num_warps = row_block_and_warps(n_cols)
-        _add_rms_norm_kernel[(n_rows,)](
-            x_rows, residual_rows, weight.contiguous(), out_rows, new_residual.view(-1, n_cols),
-            x_rows.stride(0), residual_rows.stride(0), out_rows.stride(0), n_cols, eps,
-            BLOCK=block, num_warps=num_warps,
-        )
+    launch_per_row(
+        _add_rms_norm_kernel, n_rows, n_cols,
+        x_rows, residual_rows, weight.contiguous(), out_rows, new_residual.view(-1, n_cols),
+        x_rows.stride(0), residual_rows.stride(0), out_rows.stride(0), n_cols, eps,
+    )
     return out, new_residual
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.kernels._dispatch import as_rows, row_block_and_warps, tl, triton, triton_runs_on
+from workers.kernels._dispatch import as_rows, launch_per_row, tl, triton, triton_runs_on
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -39,12 +39,10 @@ def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out_rows = out.view(-1, x.shape[-1])
     n_rows, n_cols = rows.shape
-    if n_rows > 0:
-        block, num_warps = row_block_and_warps(n_cols)
-        _rms_norm_kernel[(n_rows,)](
-            rows, weight.contiguous(), out_rows, rows.stride(0), out_rows.stride(0), n_cols, eps,
-            BLOCK=block, num_warps=num_warps,
-        )
+    launch_per_row(
+        _rms_norm_kernel, n_rows, n_cols,
+        rows, weight.contiguous(), out_rows, rows.stride(0), out_rows.stride(0), n_cols, eps,
+    )
     return out
 
 
