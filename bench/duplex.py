@@ -144,13 +144,14 @@ def summarize(measured: list[tuple[UnitResult, float, float]]) -> dict[str, Any]
 
 
 def accelerate(engine: DuplexEngine, mode: str, fast_compile: list[str]) -> None:
-    """Compile what `mode` compiles besides the decoder runners (which the engine built)."""
+    """Compile what `mode` compiles besides the decoder runners (which the engine built); in `fast` mode
+    then warm up, so that the captured graphs (decoders, token2wav, vision) hold the compiled code."""
     if mode == "compile-default":
         apply_torch_compile(engine, CompileConfig(mode="default", dynamic=True, modules=["vpm", "resampler"]))
     elif mode == "fast":
-        engine.warmup_decoders()
         if fast_compile:
             apply_torch_compile(engine, CompileConfig(mode="default", dynamic=False, modules=fast_compile))
+        engine.warmup()
 
 
 def measure_mode(args: argparse.Namespace, mode: str, chunks: list[np.ndarray], frames: list[list],

@@ -24,17 +24,7 @@ SUITE_STEPS=${SUITE_STEPS:-kernels_test decode_steps fast_equivalence kernels_be
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 
-# Wheels carried in .whl/ (fastapi, pydantic, websockets, ffmpeg-python, imageio-ffmpeg, ...).
-if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-# imageio-ffmpeg ships a static ffmpeg binary; put it on PATH as `ffmpeg` when the system has none.
-if ! command -v ffmpeg >/dev/null; then
-    ffmpeg_exe=$("$PYTHON" -c "import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())" 2>/dev/null) \
-        && mkdir -p /tmp/suite-bin && ln -sf "$ffmpeg_exe" /tmp/suite-bin/ffmpeg \
-        && export PATH=/tmp/suite-bin:$PATH
-fi
+source bench/device_env.sh
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/torch_compile_cache}
 mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
 # Inductor reports CUDA-graph problems ("skipping cudagraphs ...") as perf hints; they land in the logs.

@@ -25,7 +25,7 @@ def _session_outputs(acceleration: str) -> list[tuple]:
     cfg = ServiceConfig.model_validate({"model": {"preset": "tiny", "device": "cpu", "dtype": "float32",
                                                   "acceleration": acceleration, "seed": 7}})
     engine = DuplexEngine(cfg)
-    engine.warmup_decoders()
+    engine.warmup()
     clip = load_media(WARMUP_MP4)
     session = engine.new_session("equivalence")
     settings = SessionSettings(decode_mode="greedy", force_listen_count=0, seed=0)

@@ -9,7 +9,14 @@ Device and dtype policy (`model.device`, `model.dtype`):
 * an explicit dtype applies to the whole model. Token2wav always runs in float32 (as the reference).
 
 KV slots: `service.sessions_per_worker` slots of `duplex.max_kv_tokens` positions in the LLM cache (and
-TTS max positions in the TTS cache); a session takes a free slot and gives it back on close.
+TTS max positions in the TTS cache, and one token2wav state); a session takes a free slot and gives it
+back on close.
+
+CUDA graphs (`fast` mode on CUDA with `compile.cuda_graphs`): the decoder runners, the step heads (LM head
++ decode rule, TTS head + sampling), token2wav's chunk step and the streaming audio unit per slot, and
+the vision encoder per image patch grid replay hand-captured graphs. `warmup()`
+compiles and captures them all before sessions (after `workers.compile.apply_torch_compile`, so the
+graphs hold the compiled code); what a session captures later is counted by `recompiles_since_warmup()`.
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ import numpy as np
 import torch
 
 from common.config import ServiceConfig
-from workers.engine.decoding import forbidden_mask
+from workers.engine.decoding import control_mask, forbidden_mask
+from workers.engine.heads import DecodeHeads
 from workers.engine.runners import DecoderRunner, Mode
 from workers.engine.session import DuplexSession, Schedule
-from workers.model import tokens
+from workers.model.apm import StreamingAudioSlots
 from workers.model.checkpoint import load_checkpoint
+from workers.model.image import common_source_grids
 from workers.model.omni import OmniModel, build_model
 from workers.model.presets import get_preset
 from workers.model.token2wav import Token2Wav
@@ -89,16 +98,24 @@ class DuplexEngine:
         self.model.llm.model.setup_caches(self.slots, self.max_kv_tokens)
         self.model.tts.model.setup_caches(self.slots, args.tts.max_positions)
         self.acceleration = resolve_acceleration(cfg.model.acceleration, self.device)
+        self.cuda_graphs = (cfg.compile.cuda_graphs and self.acceleration == "fast"
+                            and self.device.type == "cuda")
         runner_options = {"triton_kernels": cfg.compile.triton_kernels and self.acceleration == "fast",
-                          "cuda_graphs": cfg.compile.cuda_graphs and self.acceleration == "fast"
-                          and self.device.type == "cuda"}
+                          "cuda_graphs": self.cuda_graphs}
         self.llm_runner = DecoderRunner(self.model.llm.model, self.acceleration, self.max_kv_tokens,
                                         **runner_options)
         self.tts_runner = DecoderRunner(self.model.tts.model, self.acceleration, **runner_options)
+        self.token2wav.setup_slots(self.slots, cuda_graphs=self.cuda_graphs)
+        self.audio_slots = StreamingAudioSlots(self.model, self.slots, cuda_graphs=self.cuda_graphs)
+        if self.cuda_graphs:
+            self.model.use_captured_vision()
         self.logits_head = self._cpu_logits_head(cfg)
         vocab = args.llm.vocab
         self.forbidden_mask = forbidden_mask(vocab, self.tokenizer.bad_token_ids, self.device)
-        self.control_mask = torch.arange(vocab, device=self.device) >= tokens.FIRST_ADDED_TOKEN
+        self.control_mask = control_mask(vocab, self.device)
+        # fast mode: the LM head + decode rule and the TTS sampling as fixed-shape calls (graphs on CUDA)
+        self.heads = (DecodeHeads(self.model, self.logits, self.forbidden_mask, self.control_mask)
+                      if self.acceleration == "fast" else None)
         self.default_voice = _load_voice(cfg.model.default_voice_path)
         self._free_slots = list(range(self.slots))
         self._slot_lock = threading.Lock()
@@ -126,18 +143,37 @@ class DuplexEngine:
         torch.nn.functional.linear(torch.zeros(1, head.shape[1], dtype=head.dtype), head)
         return head
 
-    def warmup_decoders(self) -> None:
-        """Compile and capture every decoder shape a session can need, for every slot (no-op in eager).
+    def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        """float32 logits [V] of post-norm hidden [1, H] (the CPU bfloat16 head when the engine has one)."""
+        if self.logits_head is None:
+            return self.model.llm.logits(hidden_last)[0]
+        return torch.nn.functional.linear(hidden_last.to(self.logits_head.dtype), self.logits_head)[0].float()
 
-        Writes scratch K/V into the slots, so it runs before any session takes one.
+    def warmup(self) -> None:
+        """Compile and capture every decoder shape a session can need, for every slot, and with CUDA
+        graphs also token2wav's chunk step and the audio encoder's unit per slot, and the vision encoder
+        of the common patch grids (`common_source_grids`; the warm-up MP4's 4:3 frames are one of them).
+        Eager: nothing to do.
+
+        Writes scratch K/V into the slots, so it runs before any session takes one; run it after
+        `apply_torch_compile`, so that the graphs capture the compiled modules.
         """
         slots = range(self.slots)
         self.llm_runner.warmup(slots)
         self.tts_runner.warmup(slots)
+        if self.heads is not None and self.cuda_graphs:
+            self.heads.capture()
+        self.token2wav.warmup_slots()
+        if self.model.vision_calls is not None:
+            self.model.warmup_vision(common_source_grids(self.model.args.vision))
+        self.audio_slots.warmup()
 
     def recompiles_since_warmup(self) -> int:
-        """Compiles and graph captures the decoders needed after `warmup_decoders()` (must stay 0)."""
-        return self.llm_runner.recompiles_since_warmup() + self.tts_runner.recompiles_since_warmup()
+        """Compiles and graph captures sessions needed after `warmup()` (must stay 0)."""
+        vision = self.model.vision_calls
+        return (self.llm_runner.recompiles_since_warmup() + self.tts_runner.recompiles_since_warmup()
+                + self.token2wav.late_captures + (vision.late_captures if vision is not None else 0)
+                + self.audio_slots.late_captures)
 
     def new_session(self, session_id: str, schedule: Schedule = "natural") -> DuplexSession:
         """A session on a free KV slot; raises NoFreeSlotError when all are taken."""

@@ -25,12 +25,11 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from common.config import SessionSettings
 from workers.engine.context import KVLedger, PolicyLimits, UnitRecord
-from workers.engine.decoding import DecodeParams, choose_token
+from workers.engine.decoding import RULE_WINDOW_MAX, DecodeParams, choose_token, draw_uniforms
 from workers.model import tokens
 from workers.model.apm import StreamingAudioEncoder
 from workers.model.image import slice_image
@@ -154,9 +153,17 @@ class DuplexSession:
         self.ledger = KVLedger(duplex.context_policy, limits)
         self.position = 0  # next LLM KV position of this slot
         self.audio_buffer = np.zeros(0, dtype=np.float32)
-        self.audio_encoder = StreamingAudioEncoder(engine.model)
+        self.audio_encoder = StreamingAudioEncoder(engine.model, engine.audio_slots, self.slot)
         self.units_run = 0
         self.recent_ids: deque[int] = deque(maxlen=self.params.repetition_window)
+        # The captured decode rule's inputs: the settings (normal and text-only steps) and the recent-token
+        # window as a device ring buffer of `repetition_window` entries, padded to the rule's fixed size.
+        self.captured_rule = engine.heads is not None and self.params.fits_captured_rule()
+        if self.captured_rule:
+            self._rule_settings = {text_only: self.params.as_tensor(engine.device, text_only)
+                                   for text_only in (False, True)}
+            self._recent_ring = torch.full((RULE_WINDOW_MAX,), -1, dtype=torch.long, device=engine.device)
+        self._recent_count = 0
         self.turn_open = False
         self.turn_text_tokens = 0
         self.turn_speaking_units = 0
@@ -179,12 +186,23 @@ class DuplexSession:
     def _embed(self, ids: list[int]) -> torch.Tensor:
         return self._model.llm.embed(torch.tensor(ids, dtype=torch.long, device=self.engine.device))
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits [V] of the last position of hidden [1, T, H] (the engine's CPU head if it has one)."""
-        head = self.engine.logits_head
-        if head is None:
-            return self._model.llm.logits(hidden[:, -1])[0]
-        return F.linear(hidden[:, -1].to(head.dtype), head)[0].float()
+    def _next_token(self, hidden: torch.Tensor, text_only: bool = False) -> int:
+        """The decode rule on the last position of hidden [1, T, H]: the engine's captured LM head + rule
+        when the session's settings fit it, else the same rule called eagerly. `text_only` masks control
+        tokens (the forced schedule's text steps)."""
+        engine = self.engine
+        if self.captured_rule:
+            uniforms = draw_uniforms(self.params, self.generator, engine.device)
+            return int(engine.heads.llm(hidden[:, -1], self._rule_settings[text_only], self._recent_ring, uniforms))
+        return choose_token(engine.logits(hidden[:, -1]), self.params, self.recent_ids, engine.forbidden_mask,
+                            self.generator, text_only=text_only, control=engine.control_mask)
+
+    def _remember(self, token: int) -> None:
+        """Add a chosen token to the recent-token window (the deque, and the ring of the captured rule)."""
+        self.recent_ids.append(token)
+        if self.captured_rule:
+            self._recent_ring[self._recent_count % self.params.repetition_window] = token
+        self._recent_count += 1
 
     def evict_positions(self, start: int, end: int, length: int) -> None:
         """KVOperations: drop KV positions [start, end) of this slot and shift the rest left."""
@@ -218,7 +236,7 @@ class DuplexSession:
         self.ledger.set_prefix(self.position, self.engine.tokenizer.encode(PREVIOUS_HEADER))
         if settings.generate_audio:
             vocoder_voice = tts_ref_audio if tts_ref_audio is not None else voice
-            self.vocoder = self.engine.token2wav.new_stream(vocoder_voice)
+            self.vocoder = self.engine.token2wav.new_stream(vocoder_voice, slot=self.slot)
         self.prepared = True
         prompt = f"<|im_start|>{head_text}<|audio_start|><|audio_end|><|im_end|>"
         return PrepareResult(prompt_length=len(prompt), prompt_tokens=self.position)
@@ -272,9 +290,8 @@ class DuplexSession:
                 audio_embeds = self.audio_encoder.feed(samples)
             start = self.position
             hidden = self._forward(self._prefill_embeds(vision_embeds, audio_embeds))
-            logits = self._logits(hidden)
         with timer.stage("llm"):
-            generated = self._generate(logits, unit_index, force_listen)
+            generated = self._generate(hidden, unit_index, force_listen)
         kv_length = self.position
         audio, n_codes = self._speak(generated, timer)
         self.units_run += 1
@@ -323,19 +340,23 @@ class DuplexSession:
     def _forced_cycle_position(unit_index: int) -> int:
         return unit_index % (FORCED_LISTEN_UNITS + FORCED_SPEAK_UNITS)
 
-    def _scripted_token(self, logits: torch.Tensor, step: int, max_steps: int, unit_index: int) -> int:
-        """Forced schedule: <|speak|>, then text tokens chosen by the decode rule, <|turn_eos|> at the end
+    def _scripted_token(self, chosen: int, step: int, max_steps: int, unit_index: int) -> int:
+        """Forced schedule: <|speak|>, then the text tokens the decode rule chose, <|turn_eos|> at the end
         of the turn's last unit (the terminator step is forced by the caller)."""
         if step == 0:
             return tokens.SPEAK
         ends_turn = self._forced_cycle_position(unit_index) == FORCED_LISTEN_UNITS + FORCED_SPEAK_UNITS - 1
         if ends_turn and step == max_steps - 2:
             return tokens.TURN_EOS
-        text_only = logits.masked_fill(self.engine.control_mask, float("-inf"))
-        return choose_token(text_only, self.params, self.recent_ids, self.engine.forbidden_mask, self.generator)
+        return chosen
 
-    def _generate(self, logits: torch.Tensor, unit_index: int, force_listen: bool) -> _Generated:
-        """The per-unit generate loop of MODEL.md §4 (terminators are deferred to finalize)."""
+    def _generate(self, hidden: torch.Tensor, unit_index: int, force_listen: bool) -> _Generated:
+        """The per-unit generate loop of MODEL.md §4 (terminators are deferred to finalize).
+
+        `hidden` is the prefill's output. Every step but a forced terminator runs the decode rule, also when
+        the schedule overrides its choice (a forced listen, the forced schedule's scripted tokens), so the
+        work per unit does not depend on who decides.
+        """
         out = _Generated()
         forced_listen = self._forced_listen(unit_index, force_listen)
         scripted = self.schedule == "forced" and not forced_listen
@@ -347,18 +368,17 @@ class DuplexSession:
             self._end_turn()
         max_steps = self.settings.max_new_speak_tokens_per_chunk
         for step in range(max_steps):
-            if forced_listen:
-                token = tokens.LISTEN
-            elif step == max_steps - 1:
+            if step == max_steps - 1 and not forced_listen:
                 token = tokens.CHUNK_EOS
-            elif scripted:
-                token = self._scripted_token(logits, step, max_steps, unit_index)
             else:
-                token = choose_token(logits, self.params, self.recent_ids, self.engine.forbidden_mask,
-                                     self.generator)
+                token = self._next_token(hidden, text_only=scripted)
+                if forced_listen:
+                    token = tokens.LISTEN
+                elif scripted:
+                    token = self._scripted_token(token, step, max_steps, unit_index)
             if token == tokens.LISTEN and self.turn_open:
                 token = tokens.TTS_BOS  # a turn only ends via <|turn_eos|>
-            self.recent_ids.append(token)
+            self._remember(token)
             if token in tokens.UNIT_TERMINATORS:
                 out.terminator = token
                 break
@@ -384,8 +404,6 @@ class DuplexSession:
                 out.text_ids.append(token)
                 out.text_hidden.append(hidden[0, -1])
                 self.turn_text_tokens += 1
-            if not forced_listen and step + 1 < max_steps - 1:
-                logits = self._logits(hidden)
         out.spoke = out.spoke or self.turn_open  # an open turn keeps speaking even with nothing new fed
         return out
 
@@ -411,6 +429,7 @@ class DuplexSession:
                 codes, self.tts_position = tts.generate_codes(
                     condition, self.slot, self.tts_position, self.settings.tts_temperature, min_new, max_new,
                     self.generator, backbone=self.engine.tts_runner,
+                    sampler=self.engine.heads.tts if self.engine.heads is not None else None,
                 )
             with timer.stage("token2wav"):
                 pieces = [self.vocoder.push(codes)]

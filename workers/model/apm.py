@@ -11,6 +11,13 @@ leaving 50 frames. Those attend bidirectionally to each other and to every frame
 reset (the Whisper KV cache, positions continuing from its length); the cache is reset when it would
 reach 1500 positions (≈ 30 s).
 
+Fixed shapes (`encode_unit`, one CUDA graph per KV slot in fast mode): every unit is the same tensor work.
+The first unit's window is left-padded to 104 frames and a device flag zeroes conv1's output over the
+padding (see `WhisperEncoder.embed_unit`); the new K/V are written at the cache's length, a device scalar,
+by index, and attention runs over all 1500 cache rows with a mask of the valid ones — the same keys as
+attending to the valid rows only, so the same tokens. The engine owns one cache and one unit call per
+slot (`StreamingAudioSlots`); a session's encoder runs on its slot's.
+
 Equivalence (tested): while the mel floor is fixed (buffer < 5 s) and no reset happened, the streaming
 tokens of units 0..k-1 equal the offline path `encode_mel` on the same audio — convolutions over the whole
 mel, then attention with a chunk-causal mask of 50-frame (1 s) chunks: frame i sees frame j iff
@@ -20,6 +27,7 @@ j // 50 <= i // 50. The 2 context frames are exactly what conv1 + conv2 need, so
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -27,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workers.engine.graphs import CapturedCall, CapturedCalls
 from workers.model.layers import init_module_weights
 from workers.model.mel import HOP, SAMPLE_RATE, StreamingLogMel, as_float_tensor, log_mel_spectrogram
 from workers.model.presets import AudioArgs
@@ -40,26 +49,57 @@ OFFLINE_SEGMENT_MEL_FRAMES = 3000  # 30 s; the position table holds 1500 encoder
 
 
 class WhisperKVCache:
-    """K/V of past encoder frames for every layer, preallocated to max_positions (batch 1)."""
+    """K/V of a stream's encoder frames for every layer: max_positions rows (batch 1), fixed addresses.
+
+    Rows [0, length) hold the frames since the last reset. `length` is kept on the host and, for a captured
+    graph, in the device scalar `start` (updated in place): a unit writes its frames at rows start.. by index
+    and attends over every row with a mask of the valid ones, so its shapes never change.
+    """
 
     def __init__(self, layers: int, heads: int, head_dim: int, max_positions: int,
                  device: torch.device, dtype: torch.dtype) -> None:
         self.keys = torch.zeros(layers, heads, max_positions, head_dim, device=device, dtype=dtype)
         self.values = torch.zeros_like(self.keys)
+        self.rows = torch.arange(max_positions, device=device)
+        self.start = torch.zeros((), dtype=torch.long, device=device)
         self.length = 0
+
+    @property
+    def max_positions(self) -> int:
+        return self.keys.shape[2]
+
+    def positions(self, frames: int) -> Tensor:
+        """Rows (= positions) of the next `frames` frames: start + [0, frames)."""
+        return self.start + self.rows[:frames]
+
+    def visible(self, frames: int) -> Tensor:
+        """bool [1, max_positions]: the cached rows and the next `frames` ones."""
+        return (self.rows < self.start + frames)[None]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k/v [1, heads, T, head_dim] after the cached frames; return all of them [1, heads, L + T, hd]."""
-        end = self.length + k.shape[2]
-        self.keys[layer, :, self.length:end] = k[0]
-        self.values[layer, :, self.length:end] = v[0]
-        return self.keys[layer, :, :end][None], self.values[layer, :, :end][None]
+        """Store k/v [1, heads, T, head_dim] at rows start..start + T; return every row [1, heads, max, hd]."""
+        positions = self.positions(k.shape[2])
+        self.keys[layer].index_copy_(1, positions, k[0])
+        self.values[layer].index_copy_(1, positions, v[0])
+        return self.keys[layer][None], self.values[layer][None]
 
+    @torch.inference_mode()
     def advance(self, frames: int) -> None:
         self.length += frames
+        self.start.fill_(self.length)
 
+    @torch.inference_mode()
     def reset(self) -> None:
+        """Empty (stale rows stay but are masked out: they add exact zeros to the attention)."""
         self.length = 0
+        self.start.zero_()
+
+    @torch.inference_mode()
+    def clear(self) -> None:
+        """Empty, with zeroed rows: a new owner cannot meet a previous stream's values (even non-finite ones)."""
+        self.reset()
+        self.keys.zero_()
+        self.values.zero_()
 
 
 class WhisperAttention(nn.Module):
@@ -121,16 +161,36 @@ class WhisperEncoder(nn.Module):
         mel = mel.to(self.conv1.weight.dtype)
         return F.gelu(self.conv2(F.gelu(self.conv1(mel)))).transpose(1, 2)
 
+    def embed_unit(self, window: Tensor, first_unit: Tensor) -> Tensor:
+        """A streaming unit's mel window [n_mels, 104] -> its 50 encoder frames [1, 50, d] (fixed shapes).
+
+        The window is the unit's 100 core frames with 2 context frames per side. The first unit has no left
+        context: its 102 frames come left-padded with 2 zero frames (= conv1's zero padding) and
+        `first_unit` (bool, 0-dim) zeroes conv1's output there (= conv2's zero padding), so both cases are
+        the core frames [1, 51) after conv2, equal to convolving the unpadded window.
+        """
+        mel = window[None].to(self.conv1.weight.dtype)
+        hidden = F.gelu(self.conv1(mel))
+        padding = torch.arange(window.shape[1], device=window.device) < MEL_CONTEXT_FRAMES * first_unit
+        hidden = hidden.masked_fill(padding, 0.0)
+        frames = F.gelu(self.conv2(hidden)).transpose(1, 2)
+        left = MEL_CONTEXT_FRAMES // 2
+        return frames[:, left:left + UNIT_MEL_FRAMES // 2]
+
     def forward(self, frames: Tensor, cache: WhisperKVCache | None = None,
                 attn_mask: Tensor | None = None) -> Tensor:
-        """frames [B, T, d] -> hidden [B, T, d]. With a cache, positions continue from its length and the
-        frames attend to all cached frames as well (then the cache keeps them). attn_mask: bool [T, T]."""
-        start = cache.length if cache is not None else 0
-        x = frames + self.embed_positions.weight[start:start + frames.shape[1]]
+        """frames [B, T, d] -> hidden [B, T, d]; attn_mask: bool [T, T] (no cache).
+
+        With a cache (batch 1), positions continue from its length and the frames attend to every cached
+        frame as well; their K/V are stored in the cache, which the caller then advances by T.
+        """
+        if cache is None:
+            x = frames + self.embed_positions.weight[:frames.shape[1]]
+        else:
+            x = frames + self.embed_positions(cache.positions(frames.shape[1]))
+            attn_mask = cache.visible(frames.shape[1])
         for index, layer in enumerate(self.layers):
             x = layer(x, cache, index, attn_mask)
-        if cache is not None:
-            cache.advance(frames.shape[1])
         return self.layer_norm(x)
 
 
@@ -169,24 +229,105 @@ class AudioTower(Protocol):
     audio_avg_pooler: nn.AvgPool1d
 
 
-class StreamingAudioEncoder:
-    """One per session: owns the sample queue, the streaming mel and the Whisper KV cache."""
+def audio_tokens(model: AudioTower, hidden: Tensor) -> Tensor:
+    """Encoder hidden [B, T, d] -> projected, pooled tokens [B, T // pool, llm_hidden]."""
+    projected = model.audio_projection_layer(hidden)
+    return model.audio_avg_pooler(projected.transpose(1, 2)).transpose(1, 2)
 
-    def __init__(self, model: AudioTower) -> None:
+
+def encode_unit(model: AudioTower, cache: WhisperKVCache, window: Tensor, first_unit: Tensor) -> Tensor:
+    """One streaming unit in fixed shapes: mel window [n_mels, 104] -> tokens [10, llm_hidden].
+
+    Writes the unit's K/V at the cache's rows start.. and leaves advancing the cache to the caller (a
+    captured graph replays tensor work only). `first_unit`: bool 0-dim, see `WhisperEncoder.embed_unit`.
+    """
+    frames = model.apm.embed_unit(window, first_unit)
+    return audio_tokens(model, model.apm(frames, cache=cache))[0]
+
+
+class StreamingAudioSlots:
+    """The engine's streaming audio states: a Whisper KV cache and a unit call per KV slot.
+
+    A session's `StreamingAudioEncoder` claims its slot's cache (cleared) and runs `encode_unit` through
+    the slot's `CapturedCall` (workers/engine/graphs.py): a CUDA graph with `cuda_graphs` (fast mode on
+    CUDA), the same call on static buffers otherwise. `warmup()` builds every slot's call before sessions;
+    a call first built later counts in `late_captures`.
+    """
+
+    def __init__(self, model: AudioTower, slots: int, cuda_graphs: bool = False) -> None:
+        self.model = model
+        self.caches = [model.apm.new_cache() for _ in range(slots)]
+        self._owners: list[StreamingAudioEncoder | None] = [None] * slots
+        self._calls = CapturedCalls(cuda_graphs)
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Build (capture) every slot's unit call now; a build after this counts as late."""
+        device = self.model.apm.layer_norm.weight.device
+        window = torch.zeros(self.model.apm.args.n_mels, UNIT_MEL_FRAMES + 2 * MEL_CONTEXT_FRAMES, device=device)
+        for slot in range(len(self.caches)):
+            if slot not in self._calls:
+                self._add_call(slot, (window, torch.tensor(False, device=device)))
+        self._calls.warm = True
+
+    @property
+    def late_captures(self) -> int:
+        """Unit graphs captured after `warmup()` (during live sessions; should be 0)."""
+        return self._calls.late_captures
+
+    @property
+    def graph_count(self) -> int:
+        """Slot unit calls built so far (graphs when captured)."""
+        return len(self._calls)
+
+    def claim(self, slot: int, encoder: StreamingAudioEncoder) -> WhisperKVCache:
+        """Hand `slot`'s cache, cleared, to `encoder`; an earlier encoder on the slot refuses further units."""
+        if not 0 <= slot < len(self.caches):
+            raise ValueError(f"slot {slot} outside the {len(self.caches)} audio slots")
+        cache = self.caches[slot]
+        cache.clear()
+        self._owners[slot] = encoder
+        return cache
+
+    def encode_unit(self, slot: int, encoder: StreamingAudioEncoder, window: Tensor,
+                    first_unit: Tensor) -> Tensor:
+        """`encode_unit` on the slot's cache through the slot's call (built now if new)."""
+        if self._owners[slot] is not encoder:
+            raise RuntimeError(f"audio slot {slot} is not held by this encoder (a newer one took it over)")
+        call = self._calls.get(slot)
+        if call is None:
+            call = self._add_call(slot, (window, first_unit))
+        return call(window, first_unit)
+
+    def _add_call(self, slot: int, example: tuple[Tensor, Tensor]) -> CapturedCall:
+        # No `preserve`: the capture's warm-up runs only write the K/V rows of the cache's current unit,
+        # which the next real call writes again (and a claim clears the whole cache).
+        return self._calls.add(slot, partial(encode_unit, self.model, self.caches[slot]), example)
+
+
+class StreamingAudioEncoder:
+    """One per session: the sample queue and the streaming mel, on a Whisper KV cache of its own or, with
+    `slots` and `slot`, on that engine slot's cache and unit call (taking the slot over). Both run
+    `encode_unit` and give the same tokens."""
+
+    def __init__(self, model: AudioTower, slots: StreamingAudioSlots | None = None,
+                 slot: int | None = None) -> None:
+        if (slots is None) != (slot is None):
+            raise ValueError("pass both slots and slot, or neither")
+        self.model = model
         self.apm = model.apm
-        self.projection = model.audio_projection_layer
-        self.pooler = model.audio_avg_pooler
         device = self.apm.layer_norm.weight.device
         self.mel = StreamingLogMel(UNIT_MEL_FRAMES, MEL_CONTEXT_FRAMES, device=device)
-        self.cache: WhisperKVCache | None = None  # allocated on the first unit
+        self.slots, self.slot = slots, slot
+        self.cache = self.apm.new_cache() if slots is None else slots.claim(slot, self)
+        self._first_unit_flags = {flag: torch.tensor(flag, device=device) for flag in (False, True)}
         self.reset()
 
     def reset(self) -> None:
         """Forget all audio: sample queue, mel buffer, Whisper cache."""
         self.pending = np.zeros(0, dtype=np.float32)
         self.mel.reset()
-        if self.cache is not None:
-            self.cache.reset()
+        self.cache.reset()
         self.units = 0
         self.cache_resets = 0
 
@@ -197,7 +338,7 @@ class StreamingAudioEncoder:
 
     @property
     def cache_length(self) -> int:
-        return 0 if self.cache is None else self.cache.length
+        return self.cache.length
 
     @property
     def ready_units(self) -> int:
@@ -226,29 +367,28 @@ class StreamingAudioEncoder:
     def feed(self, samples: np.ndarray) -> Tensor:
         """Queue samples and encode every complete unit: [10 * units, llm_hidden] (0 rows when none)."""
         self.push(samples)
-        weight = self.projection.linear2.weight
+        weight = self.model.audio_projection_layer.linear2.weight
         outputs = [torch.zeros(0, weight.shape[0], device=weight.device, dtype=weight.dtype)]
         while self.ready_units > 0:
             outputs.append(self.encode_next_unit())
         return torch.cat(outputs)
 
     def _encode_unit(self, mel: Tensor) -> Tensor:
-        frames = self.apm.embed_mel(mel[None])
-        left = MEL_CONTEXT_FRAMES // 2 if self.units > 0 else 0
-        frames = frames[:, left:left + UNIT_MEL_FRAMES // 2]
-        if self.cache is None:
-            self.cache = self.apm.new_cache()
-        if self.cache.length + frames.shape[1] >= self.apm.args.max_positions:
+        """Mel window [n_mels, 102 (first unit, no left context) or 104] -> tokens [10, llm_hidden]."""
+        first = self.units == 0
+        window = F.pad(mel, (MEL_CONTEXT_FRAMES, 0)) if first else mel
+        frames = UNIT_MEL_FRAMES // 2
+        if self.cache.length + frames >= self.cache.max_positions:
             self.cache.reset()
             self.cache_resets += 1
-        hidden = self.apm(frames, cache=self.cache)
+        first_unit = self._first_unit_flags[first]
+        if self.slots is None:
+            tokens = encode_unit(self.model, self.cache, window, first_unit)
+        else:
+            tokens = self.slots.encode_unit(self.slot, self, window, first_unit)
+        self.cache.advance(frames)
         self.units += 1
-        return self._tokens(hidden)[0]
-
-    def _tokens(self, hidden: Tensor) -> Tensor:
-        """Encoder hidden [B, T, d] -> projected, pooled tokens [B, T // pool, llm_hidden]."""
-        projected = self.projection(hidden)
-        return self.pooler(projected.transpose(1, 2)).transpose(1, 2)
+        return tokens
 
     @torch.inference_mode()
     def encode_mel(self, mel: Tensor) -> Tensor:
@@ -258,7 +398,7 @@ class StreamingAudioEncoder:
         for start in range(0, mel.shape[1], OFFLINE_SEGMENT_MEL_FRAMES):
             frames = self.apm.embed_mel(mel[None, :, start:start + OFFLINE_SEGMENT_MEL_FRAMES])
             mask = chunk_causal_mask(frames.shape[1], ENCODER_FRAMES_PER_S, frames.device)
-            outputs.append(self._tokens(self.apm(frames, attn_mask=mask))[0])
+            outputs.append(audio_tokens(self.model, self.apm(frames, attn_mask=mask))[0])
         return torch.cat(outputs)
 
     def encode_offline(self, samples: np.ndarray) -> Tensor:

@@ -100,9 +100,21 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, slot: int, input_pos: Tensor, k: Tensor, v: Tensor) -> None:
-        """Write k/v [kv_heads, T, head_dim] at positions input_pos [T] of `slot`, in place."""
-        self.k_cache[slot].index_copy_(1, input_pos, k)
-        self.v_cache[slot].index_copy_(1, input_pos, v)
+        """Write k/v [kv_heads, T, head_dim] at positions input_pos [T] of `slot`, in place.
+
+        Compiled, the write indexes the whole buffer with a tensor on each leading axis: written through
+        the `k_cache[slot]` view instead, Inductor copies the whole slot out and back on every call
+        (measured: four 16 MB copies per LLM layer and step on an H100, ≈ 1.6 ms of an 8 ms step). Eager,
+        the view's `index_copy_` is one kernel where the broadcast `index_put_` takes several.
+        """
+        if not torch.compiler.is_compiling():
+            self.k_cache[slot].index_copy_(1, input_pos, k)
+            self.v_cache[slot].index_copy_(1, input_pos, v)
+            return
+        heads = torch.arange(k.shape[0], device=k.device)[:, None]
+        index = (input_pos.new_full((1, 1), slot), heads, input_pos[None, :])
+        self.k_cache.index_put_(index, k)
+        self.v_cache.index_put_(index, v)
 
 
 class Attention(nn.Module):

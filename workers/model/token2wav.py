@@ -1,7 +1,14 @@
 """Built-in token2wav (MODEL.md §7 and §4 "Vocoder streaming"): 25 Hz speech codes -> 24 kHz float32 PCM.
 
-`Token2Wav` holds only weights and constant buffers (shared by every session); `Token2WavStream` (one per
-session, from `new_stream`) holds all per-session state: the code buffer and a `Token2WavState`.
+`Token2Wav` holds the weights and constant buffers (shared by every session), and the slot states below;
+`Token2WavStream` (one per session, from `new_stream`) holds the code buffer and uses one
+`Token2WavState`: the per-session tensors.
+
+Slots: the engine calls `setup_slots(n)` with its KV slot count, and a session's stream runs on its slot
+(`new_stream(clip, slot=...)`): the slot's `Token2WavState` is allocated once and reset for each new
+stream, and its chunk step is a `CapturedCall` (workers/engine/graphs.py) over static input buffers, a
+CUDA graph in `fast` mode on CUDA. `warmup_slots()` builds them all before sessions; a stream without
+a slot owns a fresh state and calls `synthesize_chunk` directly. Both give the same PCM.
 
 Prompt, once per session: the TTS voice clip (16 kHz) -> 80-bin log-mel at 50 frames/s -> a small speaker
 encoder (convolutions + mean/std pooling; stands in for CAM++) gives the speaker vector, and the clip's
@@ -25,12 +32,14 @@ and its last chunk gives them back: pushes of 25 and 25 codes, then flush, give 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workers.engine.graphs import CapturedCall, CapturedCalls
 from workers.model.layers import INIT_STD, init_module_weights
 from workers.model.mel import as_float_tensor, mel_filters
 from workers.model.presets import Token2WavArgs
@@ -117,6 +126,9 @@ class Token2Wav(nn.Module):
                     module.weight.normal_(0.0, INIT_STD)
                     module.bias.zero_()
         self.to(dtype).eval().requires_grad_(False)
+        self._slot_states: list[Token2WavState] = []
+        self._slot_owners: list[Token2WavStream | None] = []
+        self._slot_calls = CapturedCalls(cuda_graphs=False)
 
     @property
     def device(self) -> torch.device:
@@ -130,10 +142,72 @@ class Token2Wav(nn.Module):
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
 
-    def new_stream(self, prompt_audio_16k: np.ndarray | None) -> Token2WavStream:
-        """A session's stream, conditioned on the TTS voice clip (16 kHz float32) when given."""
-        return Token2WavStream(self, prompt_audio_16k)
+    def new_stream(self, prompt_audio_16k: np.ndarray | None, slot: int | None = None) -> Token2WavStream:
+        """A session's stream, conditioned on the TTS voice clip (16 kHz float32) when given.
 
+        With `slot` (see `setup_slots`) the stream runs on that slot's static state and chunk call and
+        takes the slot over: an earlier stream on the slot refuses further chunks.
+        """
+        return Token2WavStream(self, prompt_audio_16k, slot)
+
+    # ------------------------------------------------------------------------------------------ slots
+    def setup_slots(self, slots: int, cuda_graphs: bool = False) -> None:
+        """One static state and one chunk call per slot; `cuda_graphs` captures the calls (model on CUDA)."""
+        self._slot_states = [self.new_state() for _ in range(slots)]
+        self._slot_owners = [None] * slots
+        self._slot_calls = CapturedCalls(cuda_graphs)
+
+    @torch.inference_mode()
+    def warmup_slots(self) -> None:
+        """Build every slot's chunk call (capturing its graph) now; a build after this counts as late.
+
+        The capture's warm-up runs leave the slot states as they were.
+        """
+        example = (torch.full((1, self.window_codes), self.args.silence_code, device=self.device),
+                   torch.tensor(self.window_codes, device=self.device),
+                   torch.tensor(self.args.chunk_codes, device=self.device))
+        for slot in range(len(self._slot_states)):
+            if slot not in self._slot_calls:
+                self._add_slot_call(slot, example)
+        self._slot_calls.warm = True
+
+    @property
+    def late_captures(self) -> int:
+        """Chunk graphs captured after `warmup_slots()` (during live sessions; should be 0)."""
+        return self._slot_calls.late_captures
+
+    @property
+    def graph_count(self) -> int:
+        """Slot chunk calls built so far (graphs when captured)."""
+        return len(self._slot_calls)
+
+    def claim_slot(self, slot: int, stream: Token2WavStream) -> Token2WavState:
+        """Hand `slot`'s state, reset to `new_state()`'s values, to `stream`."""
+        if not 0 <= slot < len(self._slot_states):
+            raise ValueError(f"slot {slot} outside the {len(self._slot_states)} slots of setup_slots")
+        state = self._slot_states[slot]
+        self.reset_state(state)
+        self._slot_owners[slot] = stream
+        return state
+
+    @torch.inference_mode()
+    def synthesize_on_slot(self, stream: Token2WavStream, codes: Tensor, valid_codes: Tensor,
+                           emit_codes: Tensor) -> Tensor:
+        """`synthesize_chunk` on the stream's slot state through the slot's chunk call (built if new)."""
+        slot = stream.slot
+        if slot is None or self._slot_owners[slot] is not stream:
+            raise RuntimeError(f"slot {slot} is not held by this stream (a newer stream took it over)")
+        call = self._slot_calls.get(slot)
+        if call is None:
+            call = self._add_slot_call(slot, (codes, valid_codes, emit_codes))
+        return call(codes, valid_codes, emit_codes)
+
+    def _add_slot_call(self, slot: int, example: tuple[Tensor, Tensor, Tensor]) -> CapturedCall:
+        state = self._slot_states[slot]
+        return self._slot_calls.add(slot, partial(self.synthesize_chunk, state), example,
+                                    preserve=list(state.turn.values()))
+
+    # ------------------------------------------------------------------------------------------ state
     @torch.inference_mode()
     def new_state(self) -> Token2WavState:
         """Empty state: no prompt, zero speaker vector, empty turn caches."""
@@ -155,11 +229,24 @@ class Token2Wav(nn.Module):
             "hift_tail_valid": zeros((), torch.bool),
         }
         session = {
-            "speaker": self.flow.speaker_condition(zeros((1, args.speaker_dim))),
+            "speaker": self._no_speaker(),
             "prompt_kv": zeros(self.flow.estimator_cache_shape(1, self.prompt_frames)),
             "prompt_valid": zeros((self.prompt_frames,), torch.bool),
         }
         return Token2WavState(session=session, turn=turn)
+
+    @torch.inference_mode()
+    def reset_state(self, state: Token2WavState) -> None:
+        """Back to `new_state()`'s values, in place (the tensors keep their addresses)."""
+        for tensor in state.session.values():
+            tensor.zero_()
+        state.session["speaker"].copy_(self._no_speaker())
+        state.reset_turn()
+
+    def _no_speaker(self) -> Tensor:
+        """The speaker condition of a zero speaker vector (no voice clip)."""
+        return self.flow.speaker_condition(torch.zeros(1, self.args.speaker_dim, device=self.device,
+                                                       dtype=self.fade_in.dtype))
 
     @torch.inference_mode()
     def prepare_prompt(self, state: Token2WavState, prompt_audio_16k: np.ndarray | None) -> None:
@@ -253,9 +340,10 @@ class Token2Wav(nn.Module):
 class Token2WavStream:
     """One session's vocoder stream: the MODEL.md §4 code buffer plus a `Token2WavState`. Not thread-safe."""
 
-    def __init__(self, model: Token2Wav, prompt_audio_16k: np.ndarray | None) -> None:
+    def __init__(self, model: Token2Wav, prompt_audio_16k: np.ndarray | None, slot: int | None = None) -> None:
         self.model = model
-        self.state = model.new_state()
+        self.slot = slot
+        self.state = model.new_state() if slot is None else model.claim_slot(slot, self)
         model.prepare_prompt(self.state, prompt_audio_16k)
         self.reset_turn()
 
@@ -293,8 +381,12 @@ class Token2WavStream:
         emit = len(codes) if last else len(codes) - model.args.lookahead
         padded = codes + [model.args.silence_code] * (model.window_codes - len(codes))
         device = model.device
-        pcm = model.synthesize_chunk(self.state, torch.tensor([padded], device=device),
-                                     torch.tensor(len(codes), device=device), torch.tensor(emit, device=device))
+        inputs = (torch.tensor([padded], device=device), torch.tensor(len(codes), device=device),
+                  torch.tensor(emit, device=device))
+        if self.slot is None:
+            pcm = model.synthesize_chunk(self.state, *inputs)
+        else:
+            pcm = model.synthesize_on_slot(self, *inputs)
         start, end = model.output_span(self._tail_valid, emit, last)
         self._tail_valid = True
         return pcm[start:end].cpu().numpy()

@@ -2,7 +2,9 @@
 
 A Llama backbone turns a condition (text-token embeddings plus projected LLM hidden states) into speech
 codes, one codebook, 25 codes per second. The code loop in `generate_codes` is eager Python; each step
-is one `model` forward (compile-friendly: static shapes for a given (T, kv_len)) plus sampling.
+is one `model` forward (compile-friendly: static shapes for a given (T, kv_len)) plus `sample_code`, the
+head and the sampling rule as fixed-shape tensor code without host synchronisation (the fast path
+replays it as a CUDA graph). The one sync per step is reading the code, to stop at EOS.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from workers.model.presets import TTSArgs
 
 # (x [1, T, H], start_pos, slot) -> post-norm hidden [1, T, H]: how a caller runs the backbone.
 BackboneCall = Callable[[Tensor, int, int], Tensor]
+# `MiniCPMTTS.sample_code`'s signature: (hidden_last, settings, recent, uniform) -> code [1].
+SamplerCall = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 class LlamaModel(Decoder):
@@ -90,27 +94,52 @@ class MiniCPMTTS(nn.Module):
             parts.insert(0, self.emb_text(text_ids) + F.normalize(semantic, p=2, dim=-1))
         return torch.cat(parts, dim=0).unsqueeze(0)
 
+    def sample_code(self, hidden_last: Tensor, settings: Tensor, recent: Tensor, uniform: Tensor) -> Tensor:
+        """One code from post-norm hidden [1, hidden] -> long [1].
+
+        settings: float32 [3] = (temperature, or 1 when 0; frequency penalty; 1 when EOS is blocked);
+        recent: this call's last codes (long [window], -1 = empty); uniform: float32 [1]. Logits over
+        temperature, the sign-aware frequency penalty, EOS masked while blocked, then one draw by inverting
+        the cumulative softmax with `uniform` (argmax when `uniform` is negative: temperature 0).
+        """
+        logits = self.code_logits(hidden_last)[0] / settings[0]
+        logits = frequency_penalty(logits, recent, settings[1])
+        is_eos = torch.arange(logits.shape[-1], device=logits.device) == self.eos_code
+        logits = torch.where(is_eos & (settings[2] > 0), float("-inf"), logits)
+        cdf = torch.cumsum(torch.softmax(logits, dim=-1), dim=-1)
+        drawn = torch.searchsorted(cdf, uniform * cdf[-1], right=True).clamp(max=logits.shape[-1] - 1)
+        return torch.where(uniform < 0, torch.argmax(logits), drawn)
+
     @torch.no_grad()
     def generate_codes(self, condition: Tensor, slot: int, start_pos: int, temperature: float, min_new: int,
                        max_new: int, generator: torch.Generator | None, penalty: float = 1.05,
-                       window: int = 16, backbone: BackboneCall | None = None) -> tuple[list[int], int]:
+                       window: int = 16, backbone: BackboneCall | None = None,
+                       sampler: SamplerCall | None = None) -> tuple[list[int], int]:
         """Prefill `condition` at positions [start_pos, ...) of `slot`, then sample up to max_new codes.
 
-        Per step: logits / temperature, sign-aware frequency penalty over the last `window` codes of this
-        call, EOS masked while fewer than min_new codes exist, multinomial with `generator` (argmax when
-        temperature == 0). Stops at EOS (not returned) or after max_new codes; as in Hugging Face generate,
-        the final sampled code is not fed. Returns (codes, next_pos): the next call of the same turn passes
-        next_pos as start_pos; a new turn starts again at 0. `backbone(x, start_pos, slot)` runs the
-        Llama backbone (an acceleration runner); by default `self.model` is called directly.
+        Per step (`sample_code`): logits / temperature, sign-aware frequency penalty over the last `window`
+        codes of this call, EOS masked while fewer than min_new codes exist, one draw with `generator`
+        (argmax when temperature == 0). Stops at EOS (not returned) or after max_new codes; as in Hugging
+        Face generate, the final sampled code is not fed. Returns (codes, next_pos): the next call of the
+        same turn passes next_pos as start_pos; a new turn starts again at 0. `backbone(x, start_pos, slot)`
+        runs the Llama backbone (an acceleration runner) and `sampler` stands for `sample_code` (a captured
+        graph of it); by default both run directly.
         """
         max_len = self.model.cache_max_len
         if start_pos + condition.shape[1] + max_new > max_len:
             raise ValueError(f"TTS cache too short: start {start_pos} + condition {condition.shape[1]} "
                              f"+ {max_new} codes > {max_len}; reset or enlarge the TTS cache")
         device = condition.device
+        sampler = self.sample_code if sampler is None else sampler
+        settings = [torch.tensor([temperature if temperature > 0 else 1.0, penalty, float(blocked)],
+                                 device=device) for blocked in (False, True)]
+        if temperature > 0:
+            uniforms = torch.rand(max_new, generator=generator, device=device)
+        else:
+            uniforms = torch.full((max_new,), -1.0, device=device)
+        recent = torch.full((window,), -1, dtype=torch.long, device=device)
         inputs, pos = condition, start_pos
         codes: list[int] = []
-        sampled: list[Tensor] = []  # the same codes as device tensors, for the penalty window
         for step in range(max_new):
             if backbone is None:
                 input_pos = torch.arange(pos, pos + inputs.shape[1], device=device)
@@ -118,31 +147,25 @@ class MiniCPMTTS(nn.Module):
             else:
                 hidden = backbone(inputs, pos, slot)
             pos += inputs.shape[1]
-            logits = self.code_logits(hidden[:, -1])
-            if temperature > 0:
-                logits = logits / temperature
-            if sampled:
-                logits = frequency_penalty(logits, torch.stack(sampled[-window:]), penalty)
-            if step < min_new:
-                logits[:, self.eos_code] = float("-inf")
-            if temperature > 0:
-                code = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[0, 0]
-            else:
-                code = logits[0].argmax()
-            code_id = int(code.item())
+            code = sampler(hidden[:, -1], settings[step < min_new], recent, uniforms[step:step + 1])
+            code_id = int(code)
             if code_id == self.eos_code:
                 break
             codes.append(code_id)
-            sampled.append(code)
+            recent[step % window] = code[0]
             if step + 1 < max_new:
                 inputs = self.emb_code[0](code.view(1, 1))
         return codes, pos
 
 
-def frequency_penalty(logits: Tensor, recent: Tensor, penalty: float) -> Tensor:
-    """Scale logits by penalty**count of their code in `recent`: positive divided, negative multiplied."""
-    counts = torch.bincount(recent, minlength=logits.shape[-1]).to(logits.dtype)
-    scale = torch.pow(torch.full_like(counts, penalty), counts)
+def frequency_penalty(logits: Tensor, recent: Tensor, penalty: Tensor | float) -> Tensor:
+    """Scale logits [..., C] by penalty**count of their code in `recent` (long [W], -1 = empty): positive
+    logits divided, negative multiplied. Fixed shapes: empty entries count into a spare last bin."""
+    size = logits.shape[-1]
+    bins = torch.where(recent < 0, size, recent)
+    counts = torch.zeros(size + 1, dtype=logits.dtype, device=logits.device)
+    counts = counts.index_add(0, bins, torch.ones_like(bins, dtype=logits.dtype))[:size]
+    scale = torch.pow(torch.as_tensor(penalty, dtype=logits.dtype, device=logits.device), counts)
     return torch.where(logits > 0, logits / scale, logits * scale)
 
 
