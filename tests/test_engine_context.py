@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from common.config import ServiceConfig, SessionSettings
@@ -161,3 +162,47 @@ def test_context_policy_keeps_spoken_text_in_the_prefix(small_engine: DuplexEngi
         assert session.ledger.prefix_length == prefix + len(session.ledger.previous.ids()) - 2
     finally:
         session.close()
+
+
+@pytest.mark.parametrize("policy", ["sliding", "context"])
+def test_lazy_finalize_leaves_the_cache_an_immediate_feed_leaves(policy: str) -> None:
+    """finalize() only reserves `[T, </unit>]`; the next forward feeds them. Two sessions on two slots, one
+    feeding them right after each finalize, must choose the same tokens and hold the same KV, through
+    evictions (which write the reserved ids first) and re-encoded previous blocks."""
+    cfg = ServiceConfig()
+    cfg.service.sessions_per_worker = 2
+    cfg.duplex.max_kv_tokens = 512
+    cfg.duplex.context_policy = policy  # type: ignore[assignment]
+    cfg.duplex.context_max_units = 2
+    engine = DuplexEngine(cfg, device="cpu")
+    settings = SessionSettings(seed=3, max_kv_tokens=256, force_listen_count=0, listen_prob_scale=0.0,
+                               max_new_speak_tokens_per_chunk=6, decode_mode="greedy")
+    lazy, immediate = engine.new_session("lazy"), engine.new_session("immediate")
+    rng = np.random.default_rng(4)
+    try:
+        for session in (lazy, immediate):
+            session.prepare("Streaming Omni Conversation.", settings, None, None)
+        lazy_units = 0
+        for _ in range(16):  # about 19 positions per unit: past the cap of 256
+            audio = (0.1 * rng.standard_normal(16_000)).astype(np.float32)
+            results = []
+            for session in (lazy, immediate):
+                session.push_audio(audio)
+                results.append(session.run_unit([]))
+                session.finalize()
+            immediate.feed_unfed()
+            lazy_units += bool(lazy.unfed_ids)  # empty only when this finalize's policy evicted
+            assert not immediate.unfed_ids and lazy.position == immediate.position
+            assert [r.text for r in results[:1]] == [r.text for r in results[1:]]
+            assert [u.ids for u in lazy.ledger.units] == [u.ids for u in immediate.ledger.units]
+        assert lazy_units >= (8 if policy == "sliding" else 2)  # context: every later finalize drops a unit
+        lazy.feed_unfed()
+        for layer in engine.model.llm.model.layers:
+            cache = layer.self_attn.kv_cache
+            for buffer in (cache.k_cache, cache.v_cache):
+                torch.testing.assert_close(buffer[lazy.slot, :, :lazy.position],
+                                           buffer[immediate.slot, :, :immediate.position], atol=1e-4, rtol=1e-4)
+        assert lazy.ledger.length == lazy.position < 16 * 19  # the policy did trim the cache
+    finally:
+        lazy.close()
+        immediate.close()

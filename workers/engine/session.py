@@ -8,6 +8,11 @@ one session (or one prepare) to the next.
 Units (PROTOCOL.md §4 rows 9-10): a unit runs only when `unit_chunk_samples` (16 000) new samples are
 buffered; the first unit is left-padded with 560 zeros to 16 560 samples, as the reference does.
 
+Finalize is lazy: `finalize()` records the unit with its `[T, </unit>]` and reserves their two positions,
+and the next forward feeds them in front of its own input (the next unit's prefill), at the same
+positions, so each unit costs one LLM weight read less. Anything that moves or re-encodes the cache (a
+context policy's eviction) writes them first, so the cache is the one an immediate feed would leave.
+
 Schedules: `natural` follows the model's own decisions (MODEL.md §4). `forced` is the scripted
 behaviour driver of MODEL.md §2.4 for random-weight benchmarks: listen 3 units, then 5 speaking units
 of all 20 decode steps (19 fed tokens + terminator, no 28-character cap) with 25 TTS codes each, the
@@ -152,6 +157,7 @@ class DuplexSession:
                                     duplex.context_max_units, duplex.context_previous_tokens)
         self.ledger = KVLedger(duplex.context_policy, limits)
         self.position = 0  # next LLM KV position of this slot
+        self.unfed_ids: list[int] = []  # finalized ids reserved at the slot's end, fed by the next forward
         self.audio_buffer = np.zeros(0, dtype=np.float32)
         self.audio_encoder = StreamingAudioEncoder(engine.model, engine.audio_slots, self.slot)
         self.units_run = 0
@@ -178,10 +184,21 @@ class DuplexSession:
         return self.engine.model
 
     def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Feed embeddings [1, T, H] at the next positions; returns the final hidden states [1, T, H]."""
-        hidden = self.engine.llm_runner(embeds.to(self._model.llm_dtype), self.position, self.slot)
-        self.position += embeds.shape[1]
-        return hidden
+        """Feed embeddings [1, T, H] at the next positions, after the unfed finalized ids if any (in the same
+        forward, at their reserved positions); returns the final hidden states of `embeds` [1, T, H]."""
+        unfed, self.unfed_ids = self.unfed_ids, []
+        if unfed:
+            embeds = torch.cat([self._embed(unfed).to(embeds.dtype), embeds], dim=1)
+        start = self.position - len(unfed)
+        hidden = self.engine.llm_runner(embeds.to(self._model.llm_dtype), start, self.slot)
+        self.position = start + embeds.shape[1]
+        return hidden[:, len(unfed):]
+
+    def feed_unfed(self) -> None:
+        """Write the reserved finalized ids now (before the cache is moved or re-encoded)."""
+        ids, self.unfed_ids = self.unfed_ids, []
+        if ids:
+            self.engine.llm_runner(self._embed(ids).to(self._model.llm_dtype), self.position - len(ids), self.slot)
 
     def _embed(self, ids: list[int]) -> torch.Tensor:
         return self._model.llm.embed(torch.tensor(ids, dtype=torch.long, device=self.engine.device))
@@ -206,11 +223,13 @@ class DuplexSession:
 
     def evict_positions(self, start: int, end: int, length: int) -> None:
         """KVOperations: drop KV positions [start, end) of this slot and shift the rest left."""
+        self.feed_unfed()
         self._model.llm.model.evict(self.slot, start, end, length)
         self.position -= end - start
 
     def write_positions(self, ids: list[int], start: int) -> None:
         """KVOperations: re-encode token ids at positions [start, start + len(ids)) of this slot."""
+        self.feed_unfed()
         self.engine.llm_runner(self._embed(ids), start, self.slot)
 
     # --------------------------------------------------------------------------------------- prepare
@@ -467,13 +486,15 @@ class DuplexSession:
     # ---------------------------------------------------------------------------------------- finalize
     @torch.no_grad()
     def finalize(self) -> None:
-        """Feed the pending `[T, </unit>]`, record the unit and apply the context policy. Idempotent."""
+        """Reserve the pending `[T, </unit>]` (fed by the next forward), record the unit and apply the
+        context policy. Idempotent."""
         pending = self.pending
         if pending is None:
             return
         start_time = time.perf_counter()
         self.pending = None
-        self._forward(self._embed([pending.terminator, tokens.UNIT_END]))
+        self.unfed_ids = [pending.terminator, tokens.UNIT_END]
+        self.position += len(self.unfed_ids)
         self.ledger.record(UnitRecord(
             index=pending.index, length=self.position - pending.start, kind=pending.kind,
             ids=[*pending.fed_ids, pending.terminator, tokens.UNIT_END], text=pending.text,
