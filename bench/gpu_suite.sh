@@ -3,16 +3,23 @@
 #
 #   bash bench/gpu_suite.sh
 #
-# Steps: Triton kernel tests (native), decoder step benchmark (eager / compile-default / fast),
-# fast-vs-eager layer-by-layer tests, kernel micro-benchmark, and the duplex benchmark per mode when
-# bench/duplex.py exists. Every step runs under its own time limit, logs its wall time and exit code to
-# $OUT/summary.txt, and the suite goes on after a failure. Results and logs go to $OUT
-# (default bench/results/gpu_suite).
+# Steps, in order: precompile_cold (a worker start after emptying the compile caches: the cold
+# compile time), precompile_warm (the same start again: the warm start time), Triton kernel tests
+# (native), CUDA-graph equality tests (token2wav, vision, audio unit, a whole fast session), fast-vs-eager
+# layer-by-layer tests, decoder step benchmark, kernel micro-benchmark, the fast-mode component profile,
+# and the duplex benchmark of all modes. Every step runs under its own time limit, logs its wall time
+# and exit code to $OUT/summary.txt, and the suite goes on after a failure. Results and logs go to $OUT
+# (default bench/results/gpu_suite). The device tool allows 10 minutes per command: run the suite in a
+# few calls made back to back (the machine and its compile cache stay warm), e.g.
+#   SUITE_STEPS="precompile_cold precompile_warm graph_tests kernels_test"
+#   SUITE_STEPS="fast_equivalence profile"
+#   SUITE_STEPS="duplex"
 #
 # Environment:
 #   OUT               where results and logs go
 #   SUITE_STEPS       space-separated subset of:
-#                     kernels_test decode_steps fast_equivalence kernels_bench duplex
+#                     precompile_cold precompile_warm kernels_test graph_tests fast_equivalence
+#                     decode_steps kernels_bench profile duplex
 #   SUITE_MAX_STEP_S  cap on every step's time limit (seconds)
 #   DUPLEX_MODES, DUPLEX_UNITS, DUPLEX_WARMUP_UNITS   the duplex benchmark's modes and unit counts
 #   PYTHON            interpreter (default python3)
@@ -20,7 +27,7 @@ set -u
 
 OUT=${OUT:-bench/results/gpu_suite}
 PYTHON=${PYTHON:-python3}
-SUITE_STEPS=${SUITE_STEPS:-kernels_test decode_steps fast_equivalence kernels_bench duplex}
+SUITE_STEPS=${SUITE_STEPS:-precompile_cold precompile_warm kernels_test graph_tests fast_equivalence decode_steps kernels_bench profile duplex}
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 
@@ -49,8 +56,25 @@ step() {
   "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
   | tee -a "$SUMMARY"
 
+# The worker start, as `precompile.py` runs it (fast mode, warm-up MP4), into the suite's compile cache
+# emptied first (Inductor's and Triton's: a cold start), then again (a warm start); later steps reuse it.
+PRECOMPILE_ARGS=(precompile.py --set model.preset=minicpm-o-4.5 --set service.warmup_seconds=5
+                 --set compile.cache_dir="$TORCHINDUCTOR_CACHE_DIR")
+if wanted precompile_cold; then
+    rm -rf "$TORCHINDUCTOR_CACHE_DIR" "${TRITON_CACHE_DIR:-$HOME/.triton/cache}"
+    mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
+    step precompile_cold 600 "$PYTHON" "${PRECOMPILE_ARGS[@]}"
+fi
+if wanted precompile_warm; then
+    step precompile_warm 300 "$PYTHON" "${PRECOMPILE_ARGS[@]}"
+fi
+cp "$TORCHINDUCTOR_CACHE_DIR/precompile.json" "$OUT/precompile.json" 2>/dev/null
 if wanted kernels_test; then
     step kernels_test 180 "$PYTHON" -m pytest -p no:cacheprovider -m gpu -q -rA tests/test_kernels.py
+fi
+if wanted graph_tests; then
+    step graph_tests 300 "$PYTHON" -m pytest -p no:cacheprovider -m gpu -q -rA \
+        tests/test_graphs_static_paths.py tests/test_model_audio_static.py
 fi
 if wanted decode_steps; then
     step decode_steps 900 "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --json \
@@ -62,6 +86,9 @@ if wanted fast_equivalence; then
 fi
 if wanted kernels_bench; then
     step kernels_bench 300 "$PYTHON" -m bench.kernels --out "$OUT/kernels.json"
+fi
+if wanted profile; then
+    step profile 400 "$PYTHON" -m bench.profile_unit --out "$OUT/profile.json"
 fi
 if wanted duplex; then
     # All modes in one process, side by side; the JSON is rewritten after each mode, so a step that
