@@ -12,7 +12,8 @@ listed in `preserve`: they are restored after those runs, and the capture itself
 
 `CapturedCalls` keeps one `CapturedCall` per key (a KV slot, an image patch grid) in one memory pool
 and counts the graphs captured after its owner's warm-up: each is a capture during a live session,
-which `DuplexEngine.recompiles_since_warmup()` reports and which must stay 0.
+which `DuplexEngine.recompiles_since_warmup()` reports and which must stay 0. `SlotCalls` adds what
+per-slot calls need (token2wav chunks, streaming audio units): a fixed state per slot and its one user.
 
 The decoders' graphs (`workers/engine/runners.py`) follow the same recipe inside `DecoderRunner`.
 """
@@ -20,11 +21,14 @@ The decoders' graphs (`workers/engine/runners.py`) follow the same recipe inside
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from functools import partial
+from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor
 
 Outputs = Tensor | tuple[Tensor, ...]
+State = TypeVar("State")
 
 
 class CapturedCall:
@@ -132,3 +136,65 @@ class CapturedCalls:
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._calls
+
+
+class SlotCalls(Generic[State]):
+    """Per KV slot: a state with fixed addresses (caches a graph reads and writes), the one user that may
+    run on it, and the slot's `CapturedCall` of `step(state, *inputs)`.
+
+    A user (a session's token2wav stream, its audio encoder) `claim`s its slot: the state is reset and
+    an earlier user of the slot is refused from then on. `warmup(example)` builds every slot's call;
+    a call first built later is counted in `late_captures` when it captured a graph.
+
+    Args:
+        states: one state per slot.
+        step: the fixed-shape computation; takes the slot's state, then the call's tensor inputs.
+        reset: restores a state to its fresh values (on claim).
+        cuda_graphs: capture the calls (every tensor on one CUDA device).
+        preserve: the tensors of a state that `step` writes and the capture's warm-up runs must not
+            change (see `CapturedCall`).
+    """
+
+    def __init__(self, states: list[State], step: Callable[..., Outputs], reset: Callable[[State], None],
+                 cuda_graphs: bool, preserve: Callable[[State], Sequence[Tensor]] = lambda state: ()) -> None:
+        self.states = states
+        self._step, self._reset, self._preserve = step, reset, preserve
+        self._owners: list[object | None] = [None] * len(states)
+        self._calls = CapturedCalls(cuda_graphs)
+
+    def claim(self, slot: int, owner: object) -> State:
+        """Reset `slot`'s state and hand it to `owner`; the slot's previous owner is refused afterwards."""
+        if not 0 <= slot < len(self.states):
+            raise ValueError(f"slot {slot} outside the {len(self.states)} slots")
+        state = self.states[slot]
+        self._reset(state)
+        self._owners[slot] = owner
+        return state
+
+    def __call__(self, slot: int, owner: object, *inputs: Tensor) -> Outputs:
+        """`step` on the slot's state through the slot's call (built now, with `inputs` as example, if new)."""
+        if self._owners[slot] is not owner:
+            raise RuntimeError(f"slot {slot} is not held by this user (a newer one took it over)")
+        call = self._calls.get(slot) or self._add(slot, inputs)
+        return call(*inputs)
+
+    def warmup(self, example_inputs: Sequence[Tensor]) -> None:
+        """Build (capture) every slot's call now; a call built after this counts as late."""
+        for slot in range(len(self.states)):
+            if slot not in self._calls:
+                self._add(slot, example_inputs)
+        self._calls.warm = True
+
+    @property
+    def late_captures(self) -> int:
+        """Graphs captured after `warmup()` (during live sessions; should be 0)."""
+        return self._calls.late_captures
+
+    @property
+    def graph_count(self) -> int:
+        """Slot calls built so far (graphs when captured)."""
+        return len(self._calls)
+
+    def _add(self, slot: int, example_inputs: Sequence[Tensor]) -> CapturedCall:
+        state = self.states[slot]
+        return self._calls.add(slot, partial(self._step, state), example_inputs, preserve=self._preserve(state))

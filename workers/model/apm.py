@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workers.engine.graphs import CapturedCall, CapturedCalls
+from workers.engine.graphs import SlotCalls
 from workers.model.layers import init_module_weights
 from workers.model.mel import HOP, SAMPLE_RATE, StreamingLogMel, as_float_tensor, log_mel_spectrogram
 from workers.model.presets import AudioArgs
@@ -245,64 +245,32 @@ def encode_unit(model: AudioTower, cache: WhisperKVCache, window: Tensor, first_
     return audio_tokens(model, model.apm(frames, cache=cache))[0]
 
 
-class StreamingAudioSlots:
+class StreamingAudioSlots(SlotCalls[WhisperKVCache]):
     """The engine's streaming audio states: a Whisper KV cache and a unit call per KV slot.
 
     A session's `StreamingAudioEncoder` claims its slot's cache (cleared) and runs `encode_unit` through
-    the slot's `CapturedCall` (workers/engine/graphs.py): a CUDA graph with `cuda_graphs` (fast mode on
-    CUDA), the same call on static buffers otherwise. `warmup()` builds every slot's call before sessions;
-    a call first built later counts in `late_captures`.
+    the slot's `CapturedCall` (workers/engine/graphs.py `SlotCalls`): a CUDA graph with `cuda_graphs`
+    (fast mode on CUDA), the same call on static buffers otherwise. `warmup()` builds every slot's call
+    before sessions; a call first built later counts in `late_captures`. Nothing needs preserving during
+    a capture: its warm-up runs only write the K/V rows of the cache's current unit, which the next real
+    call writes again (and a claim clears the whole cache).
     """
 
     def __init__(self, model: AudioTower, slots: int, cuda_graphs: bool = False) -> None:
+        super().__init__([model.apm.new_cache() for _ in range(slots)], partial(encode_unit, model),
+                         WhisperKVCache.clear, cuda_graphs)
         self.model = model
-        self.caches = [model.apm.new_cache() for _ in range(slots)]
-        self._owners: list[StreamingAudioEncoder | None] = [None] * slots
-        self._calls = CapturedCalls(cuda_graphs)
+
+    @property
+    def caches(self) -> list[WhisperKVCache]:
+        return self.states
 
     @torch.inference_mode()
-    def warmup(self) -> None:
+    def warmup(self) -> None:  # type: ignore[override]
         """Build (capture) every slot's unit call now; a build after this counts as late."""
         device = self.model.apm.layer_norm.weight.device
         window = torch.zeros(self.model.apm.args.n_mels, UNIT_MEL_FRAMES + 2 * MEL_CONTEXT_FRAMES, device=device)
-        for slot in range(len(self.caches)):
-            if slot not in self._calls:
-                self._add_call(slot, (window, torch.tensor(False, device=device)))
-        self._calls.warm = True
-
-    @property
-    def late_captures(self) -> int:
-        """Unit graphs captured after `warmup()` (during live sessions; should be 0)."""
-        return self._calls.late_captures
-
-    @property
-    def graph_count(self) -> int:
-        """Slot unit calls built so far (graphs when captured)."""
-        return len(self._calls)
-
-    def claim(self, slot: int, encoder: StreamingAudioEncoder) -> WhisperKVCache:
-        """Hand `slot`'s cache, cleared, to `encoder`; an earlier encoder on the slot refuses further units."""
-        if not 0 <= slot < len(self.caches):
-            raise ValueError(f"slot {slot} outside the {len(self.caches)} audio slots")
-        cache = self.caches[slot]
-        cache.clear()
-        self._owners[slot] = encoder
-        return cache
-
-    def encode_unit(self, slot: int, encoder: StreamingAudioEncoder, window: Tensor,
-                    first_unit: Tensor) -> Tensor:
-        """`encode_unit` on the slot's cache through the slot's call (built now if new)."""
-        if self._owners[slot] is not encoder:
-            raise RuntimeError(f"audio slot {slot} is not held by this encoder (a newer one took it over)")
-        call = self._calls.get(slot)
-        if call is None:
-            call = self._add_call(slot, (window, first_unit))
-        return call(window, first_unit)
-
-    def _add_call(self, slot: int, example: tuple[Tensor, Tensor]) -> CapturedCall:
-        # No `preserve`: the capture's warm-up runs only write the K/V rows of the cache's current unit,
-        # which the next real call writes again (and a claim clears the whole cache).
-        return self._calls.add(slot, partial(encode_unit, self.model, self.caches[slot]), example)
+        super().warmup((window, torch.tensor(False, device=device)))
 
 
 class StreamingAudioEncoder:
@@ -385,7 +353,7 @@ class StreamingAudioEncoder:
         if self.slots is None:
             tokens = encode_unit(self.model, self.cache, window, first_unit)
         else:
-            tokens = self.slots.encode_unit(self.slot, self, window, first_unit)
+            tokens = self.slots(self.slot, self, window, first_unit)
         self.cache.advance(frames)
         self.units += 1
         return tokens

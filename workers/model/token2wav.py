@@ -32,14 +32,13 @@ and its last chunk gives them back: pushes of 25 and 25 codes, then flush, give 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workers.engine.graphs import CapturedCall, CapturedCalls
+from workers.engine.graphs import SlotCalls
 from workers.model.layers import INIT_STD, init_module_weights
 from workers.model.mel import as_float_tensor, mel_filters
 from workers.model.presets import Token2WavArgs
@@ -126,9 +125,7 @@ class Token2Wav(nn.Module):
                     module.weight.normal_(0.0, INIT_STD)
                     module.bias.zero_()
         self.to(dtype).eval().requires_grad_(False)
-        self._slot_states: list[Token2WavState] = []
-        self._slot_owners: list[Token2WavStream | None] = []
-        self._slot_calls = CapturedCalls(cuda_graphs=False)
+        self._slots = self._slot_calls(0, cuda_graphs=False)
 
     @property
     def device(self) -> torch.device:
@@ -153,59 +150,39 @@ class Token2Wav(nn.Module):
     # ------------------------------------------------------------------------------------------ slots
     def setup_slots(self, slots: int, cuda_graphs: bool = False) -> None:
         """One static state and one chunk call per slot; `cuda_graphs` captures the calls (model on CUDA)."""
-        self._slot_states = [self.new_state() for _ in range(slots)]
-        self._slot_owners = [None] * slots
-        self._slot_calls = CapturedCalls(cuda_graphs)
+        self._slots = self._slot_calls(slots, cuda_graphs)
+
+    def _slot_calls(self, slots: int, cuda_graphs: bool) -> SlotCalls[Token2WavState]:
+        # The capture's warm-up runs must leave the turn caches as they were (`preserve`).
+        return SlotCalls([self.new_state() for _ in range(slots)], self.synthesize_chunk, self.reset_state,
+                         cuda_graphs, preserve=lambda state: list(state.turn.values()))
 
     @torch.inference_mode()
     def warmup_slots(self) -> None:
-        """Build every slot's chunk call (capturing its graph) now; a build after this counts as late.
-
-        The capture's warm-up runs leave the slot states as they were.
-        """
-        example = (torch.full((1, self.window_codes), self.args.silence_code, device=self.device),
-                   torch.tensor(self.window_codes, device=self.device),
-                   torch.tensor(self.args.chunk_codes, device=self.device))
-        for slot in range(len(self._slot_states)):
-            if slot not in self._slot_calls:
-                self._add_slot_call(slot, example)
-        self._slot_calls.warm = True
+        """Build every slot's chunk call (capturing its graph) now; a build after this counts as late."""
+        self._slots.warmup((torch.full((1, self.window_codes), self.args.silence_code, device=self.device),
+                            torch.tensor(self.window_codes, device=self.device),
+                            torch.tensor(self.args.chunk_codes, device=self.device)))
 
     @property
     def late_captures(self) -> int:
         """Chunk graphs captured after `warmup_slots()` (during live sessions; should be 0)."""
-        return self._slot_calls.late_captures
+        return self._slots.late_captures
 
     @property
     def graph_count(self) -> int:
         """Slot chunk calls built so far (graphs when captured)."""
-        return len(self._slot_calls)
+        return self._slots.graph_count
 
     def claim_slot(self, slot: int, stream: Token2WavStream) -> Token2WavState:
         """Hand `slot`'s state, reset to `new_state()`'s values, to `stream`."""
-        if not 0 <= slot < len(self._slot_states):
-            raise ValueError(f"slot {slot} outside the {len(self._slot_states)} slots of setup_slots")
-        state = self._slot_states[slot]
-        self.reset_state(state)
-        self._slot_owners[slot] = stream
-        return state
+        return self._slots.claim(slot, stream)
 
     @torch.inference_mode()
     def synthesize_on_slot(self, stream: Token2WavStream, codes: Tensor, valid_codes: Tensor,
                            emit_codes: Tensor) -> Tensor:
         """`synthesize_chunk` on the stream's slot state through the slot's chunk call (built if new)."""
-        slot = stream.slot
-        if slot is None or self._slot_owners[slot] is not stream:
-            raise RuntimeError(f"slot {slot} is not held by this stream (a newer stream took it over)")
-        call = self._slot_calls.get(slot)
-        if call is None:
-            call = self._add_slot_call(slot, (codes, valid_codes, emit_codes))
-        return call(codes, valid_codes, emit_codes)
-
-    def _add_slot_call(self, slot: int, example: tuple[Tensor, Tensor, Tensor]) -> CapturedCall:
-        state = self._slot_states[slot]
-        return self._slot_calls.add(slot, partial(self.synthesize_chunk, state), example,
-                                    preserve=list(state.turn.values()))
+        return self._slots(stream.slot, stream, codes, valid_codes, emit_codes)
 
     # ------------------------------------------------------------------------------------------ state
     @torch.inference_mode()
