@@ -5,7 +5,10 @@
     python -m bench.kernels --out bench/results/kernels.json
 
 Shapes come from the presets: LLM (hidden 4096, ffn 12288) and TTS (hidden 768, ffn 3072) at 1, 64
-and 1024 rows, bfloat16. Two timings per variant, in microseconds per call (medians):
+and 1024 rows, bfloat16; decode attention (one query position over a cache slot, all keys visible) at
+the presets' head shapes (LLM 32 heads over 8 KV heads, D 128; TTS 12 over 12, D 64) for kv_len 512,
+2048 and 8192 (its `rows` is kv_len, `cols` head_dim). Two timings per variant, in microseconds per
+call (medians):
 - `graph_us`: replay of a CUDA graph of many calls (triton.testing.do_bench_cudagraph), i.e. GPU
   time as the server sees it with CUDA graphs, without Python launch overhead;
 - `launch_us`: plain calls (triton.testing.do_bench), Python dispatch and launch included.
@@ -23,14 +26,21 @@ from pathlib import Path
 
 import torch
 
-from workers.kernels import add_rms_norm_reference, rms_norm_reference, silu_mul_reference
+from workers.kernels import (
+    add_rms_norm_reference,
+    decode_attention_reference,
+    rms_norm_reference,
+    silu_mul_reference,
+)
 from workers.kernels._dispatch import triton, triton_runs_on
 from workers.kernels.add_rmsnorm import add_rms_norm_op
+from workers.kernels.flash_decoding import decode_attention_op
 from workers.kernels.rmsnorm import rms_norm_op
 from workers.kernels.swiglu import silu_mul_op
 from workers.model.presets import LLMArgs, TTSArgs
 
 ROWS = (1, 64, 1024)
+DECODE_KV_LENS = (512, 2048, 8192)
 EPS = 1e-6
 DTYPE = torch.bfloat16
 
@@ -65,6 +75,16 @@ def build_cases(device: torch.device) -> list[Case]:
                      (x, residual, weight, EPS)),
                 Case("silu_mul", model, rows, ffn, silu_mul_op, silu_mul_reference, (gate, up)),
             ]
+    for model, args in {"llm": LLMArgs(), "tts": TTSArgs()}.items():
+        groups = args.heads // args.kv_heads
+        for kv_len in DECODE_KV_LENS:
+            # Slot 1 of a 2-slot cache, as Attention.forward passes it; the query sees every key.
+            cache_shape = (2, 2, args.kv_heads, kv_len, args.head_dim)
+            k_cache, v_cache = torch.randn(cache_shape, device=device, dtype=DTYPE)
+            q = torch.randn(1, args.kv_heads, groups, args.head_dim, device=device, dtype=DTYPE)
+            inputs = (q, k_cache[1:], v_cache[1:], torch.tensor([kv_len - 1], device=device))
+            cases.append(Case("decode_attention", model, kv_len, args.head_dim, decode_attention_op,
+                              decode_attention_reference, inputs))
     return cases
 
 

@@ -78,6 +78,7 @@ class CompileConfig(_Strict):
     )
     cuda_graphs: bool = True
     triton_kernels: bool = True
+    decode_attention_kernel: bool = Field(False, description="experimental: not yet measured on a GPU")
     cache_dir: str = "torch_compile_cache"
 
 

@@ -20,6 +20,7 @@ import torch
 import workers.kernels as kernels
 from workers.kernels._dispatch import row_block_and_warps, use_triton
 from workers.kernels.add_rmsnorm import add_rms_norm_op
+from workers.kernels.flash_decoding import decode_attention_op, split_len
 from workers.kernels.rmsnorm import rms_norm_op
 from workers.kernels.swiglu import silu_mul_op
 
@@ -31,16 +32,46 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA
 
 @dataclass(frozen=True)
 class KernelCase:
-    """One public kernel function on one input shape, dtype and memory layout."""
+    """One public kernel function on one input shape, dtype and memory layout.
 
-    kernel: str  # rms_norm | add_rms_norm | silu_mul | silu_mul_fused
+    decode_attention: shape is (kv_heads, groups, kv_len, head_dim), `position` the query position, and
+    keys/values are slot 1 of a 2-slot cache, as the model passes them.
+    """
+
+    kernel: str  # rms_norm | add_rms_norm | silu_mul | silu_mul_fused | decode_attention
     shape: tuple[int, ...]
     dtype: str
     layout: str = "contiguous"  # contiguous | row_strided (rows padded) | transposed (last dim strided)
+    position: int = 0
 
     @property
     def id(self) -> str:
-        return f"{self.kernel}-{'x'.join(map(str, self.shape))}-{self.dtype}-{self.layout}"
+        where = f"-pos{self.position}" if self.kernel == "decode_attention" else ""
+        return f"{self.kernel}-{'x'.join(map(str, self.shape))}-{self.dtype}-{self.layout}{where}"
+
+
+def _decode_attention_cases(shapes: list[tuple[int, int, int]], kv_len_positions: list[tuple[int, int]],
+                            dtype: str) -> list[KernelCase]:
+    return [
+        KernelCase("decode_attention", (kv_heads, groups, kv_len, head_dim), dtype, "cache_view", position)
+        for kv_heads, groups, head_dim in shapes
+        for kv_len, position in kv_len_positions
+    ]
+
+
+LLM_ATTENTION = (8, 4, 128)  # Qwen3-8B: 32 query heads over 8 KV heads
+TTS_ATTENTION = (16, 1, 64)
+# kv_len, position: one key; a tail; a whole 512 bucket; positions well inside (later keys masked).
+DECODE_POSITIONS = [(1, 0), (7, 3), (512, 511), (1000, 617), (2048, 1300)]
+# The interpreter costs 0.5-2 s per long case: all positions in bf16 (the served dtype), a few elsewhere.
+DECODE_INTERPRETER_CASES = (
+    _decode_attention_cases([LLM_ATTENTION], DECODE_POSITIONS, "bfloat16")
+    + _decode_attention_cases([TTS_ATTENTION], [(1, 0), (7, 3), (1000, 617)], "bfloat16")
+    + _decode_attention_cases([LLM_ATTENTION], [(512, 200)], "float32")
+    + _decode_attention_cases([LLM_ATTENTION], [(1000, 999)], "float16")
+    + _decode_attention_cases([LLM_ATTENTION, TTS_ATTENTION], [(7, 3)], "float32")
+    + _decode_attention_cases([LLM_ATTENTION, TTS_ATTENTION], [(7, 6)], "float16")
+)
 
 
 def _cases_for_dtype(dtype: str) -> list[KernelCase]:
@@ -58,12 +89,18 @@ INTERPRETER_CASES = [case for dtype in TOLERANCE for case in _cases_for_dtype(dt
     KernelCase("rms_norm", (6, 100), "float16", "row_strided"),
     KernelCase("add_rms_norm", (2, 5, 64), "float32", "transposed"),
     KernelCase("silu_mul", (3, 4, 100), "bfloat16", "row_strided"),
+    *DECODE_INTERPRETER_CASES,
 ]
-CUDA_CASES = INTERPRETER_CASES + [
-    KernelCase(kernel, (rows, hidden), "bfloat16")
-    for kernel, hidden in (("rms_norm", 4096), ("add_rms_norm", 4096), ("add_rms_norm", 768), ("silu_mul", 12288))
-    for rows in (1, 64, 1024)
-]
+LARGE_ROW_KERNELS = (("rms_norm", 4096), ("add_rms_norm", 4096), ("add_rms_norm", 768), ("silu_mul", 12288))
+CUDA_CASES = (
+    INTERPRETER_CASES
+    + [KernelCase(kernel, (rows, hidden), "bfloat16") for kernel, hidden in LARGE_ROW_KERNELS
+       for rows in (1, 64, 1024)]
+    + _decode_attention_cases([LLM_ATTENTION, TTS_ATTENTION], DECODE_POSITIONS, "float32")
+    + _decode_attention_cases([LLM_ATTENTION, TTS_ATTENTION], DECODE_POSITIONS, "float16")
+    + _decode_attention_cases([LLM_ATTENTION, TTS_ATTENTION, (12, 1, 64), (2, 2, 32)],
+                              [(4096, 4000), (8192, 5000), (40960, 40959)], "bfloat16")
+)
 
 
 def _make_tensor(shape: tuple[int, ...], dtype: torch.dtype, layout: str, device: str) -> torch.Tensor:
@@ -74,9 +111,26 @@ def _make_tensor(shape: tuple[int, ...], dtype: torch.dtype, layout: str, device
     return torch.randn(shape, dtype=dtype, device=device)
 
 
+def _decode_attention_inputs(
+    case: KernelCase, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, keys, values (views of slot 1 of a 2-slot cache one tile longer than kv_len) and the position."""
+    kv_heads, groups, kv_len, head_dim = case.shape
+    dtype = getattr(torch, case.dtype)
+    k_cache, v_cache = torch.randn(2, 2, kv_heads, kv_len + 64, head_dim, dtype=dtype, device=device)
+    keys, values = k_cache[1, :, :kv_len].unsqueeze(0), v_cache[1, :, :kv_len].unsqueeze(0)
+    q = torch.randn(1, kv_heads, groups, head_dim, dtype=dtype, device=device)
+    return q, keys, values, torch.tensor([case.position], device=device)
+
+
 def check_case(case: KernelCase, device: str) -> str | None:
     """Run the public function and its reference; None when they agree, else why not."""
     torch.manual_seed(0)
+    if case.kernel == "decode_attention":
+        inputs = _decode_attention_inputs(case, device)
+        got, want = kernels.decode_attention(*inputs), kernels.decode_attention_reference(*inputs)
+        taken = use_triton(inputs[0]) and kernels.is_decode_attention_enabled()
+        return _compare(case, got, want, taken)
     dtype = getattr(torch, case.dtype)
     x = _make_tensor(case.shape, dtype, case.layout, device)
     hidden = case.shape[-1]
@@ -94,7 +148,11 @@ def check_case(case: KernelCase, device: str) -> str | None:
         fused = torch.randn(*case.shape[:-1], 2 * hidden, dtype=dtype, device=device)
         got = kernels.silu_mul(fused)
         want = kernels.silu_mul_reference(fused[..., :hidden], fused[..., hidden:])
-    if not use_triton(x):
+    return _compare(case, got, want, use_triton(x))
+
+
+def _compare(case: KernelCase, got: object, want: object, triton_taken: bool) -> str | None:
+    if not triton_taken:
         return "the Triton path was not taken"
     tolerance = TOLERANCE[case.dtype]
     try:
@@ -129,10 +187,29 @@ def interpreter_report() -> dict[str, object]:
     kernels.set_enabled(True)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     compiled_equals_eager = torch.equal(compiled(x, weight), block(x, weight))
+
+    attention_inputs = _decode_attention_inputs(KernelCase("decode_attention", (2, 4, 100, 32), "float32",
+                                                           position=70), "cpu")
+    traced_attention = {}
+    for triton_on, attention_on in ((True, True), (True, False), (False, True)):
+        kernels.set_enabled(triton_on)
+        kernels.set_decode_attention_enabled(attention_on)
+        key = f"kernels_{'on' if triton_on else 'off'}-attention_{'on' if attention_on else 'off'}"
+        traced_attention[key] = _omni_ops_traced(kernels.decode_attention, *attention_inputs)
+    kernels.set_enabled(True)
+    kernels.set_decode_attention_enabled(True)
+    compiled_attention = torch.compile(
+        kernels.decode_attention, fullgraph=True, dynamic=True, backend="aot_eager"
+    )
+    attention_compiled_equals_eager = torch.equal(
+        compiled_attention(*attention_inputs), kernels.decode_attention(*attention_inputs)
+    )
     return {
         "cases": {case.id: check_case(case, "cpu") for case in INTERPRETER_CASES},
         "traced_ops": traced,
+        "traced_decode_attention": traced_attention,
         "compiled_equals_eager": compiled_equals_eager,
+        "decode_attention_compiled_equals_eager": attention_compiled_equals_eager,
     }
 
 
@@ -150,11 +227,13 @@ def interpreter_results() -> dict[str, object]:
 
 @pytest.fixture
 def switch_on():
-    """Kernels enabled for the test, the previous state restored after."""
-    previous = kernels.is_enabled()
+    """Kernels (decode attention included) enabled for the test, the previous state restored after."""
+    previous = kernels.is_enabled(), kernels.is_decode_attention_enabled()
     kernels.set_enabled(True)
+    kernels.set_decode_attention_enabled(True)
     yield
-    kernels.set_enabled(previous)
+    kernels.set_enabled(previous[0])
+    kernels.set_decode_attention_enabled(previous[1])
 
 
 @pytest.mark.slow
@@ -173,21 +252,36 @@ def test_switch_selects_custom_ops_or_reference(interpreter_results):
 
 
 @pytest.mark.slow
+def test_decode_attention_needs_both_switches(interpreter_results):
+    assert interpreter_results["traced_decode_attention"] == {
+        "kernels_on-attention_on": ["omni.decode_attention.default"],
+        "kernels_on-attention_off": [],
+        "kernels_off-attention_on": [],
+    }
+
+
+@pytest.mark.slow
 def test_dispatch_traces_into_one_compiled_graph_with_kernels_on(interpreter_results):
     assert interpreter_results["compiled_equals_eager"] is True
+    assert interpreter_results["decode_attention_compiled_equals_eager"] is True
+
+
+def test_decode_attention_is_off_by_default():
+    assert kernels.is_decode_attention_enabled() is (os.environ.get(kernels.DECODE_ATTENTION_ENV, "0") != "0")
 
 
 @pytest.mark.slow
 def test_environment_override_wins_over_set_enabled():
     script = (
         "import torch, workers.kernels as k; from workers.kernels._dispatch import use_triton\n"
-        "k.set_interpret(True); k.set_enabled(True); print(k.is_enabled(), use_triton(torch.zeros(1, 64)))"
+        "k.set_interpret(True); k.set_enabled(True); k.set_decode_attention_enabled(False)\n"
+        "print(k.is_enabled(), use_triton(torch.zeros(1, 64)), k.is_decode_attention_enabled())"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", kernels.ENABLE_ENV: "0"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", kernels.ENABLE_ENV: "0", kernels.DECODE_ATTENTION_ENV: "1"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.split() == ["False", "False"]
+    assert proc.stdout.split() == ["False", "False", "True"]
 
 
 @pytest.mark.slow
@@ -236,20 +330,52 @@ def test_invalid_arguments_are_rejected():
         kernels.silu_mul(torch.randn(2, 63))
     with pytest.raises(ValueError, match="must match"):
         kernels.silu_mul(x, torch.randn(2, 32))
+    q, cache = torch.randn(1, 2, 4, 32), torch.randn(1, 2, 10, 32)
+    with pytest.raises(ValueError, match="kv_heads, groups"):
+        kernels.decode_attention(q[0], cache, cache, torch.tensor([3]))
+    with pytest.raises(ValueError, match="kv_len"):
+        kernels.decode_attention(q, cache[:, :1], cache[:, :1], torch.tensor([3]))
+    with pytest.raises(ValueError, match="kv_len"):
+        kernels.decode_attention(q, cache, cache.half(), torch.tensor([3]))
+    with pytest.raises(ValueError, match="one position"):
+        kernels.decode_attention(q, cache, cache, torch.tensor([3, 4]))
+
+
+@pytest.mark.parametrize(
+    ("kv_len", "kv_heads", "keys_per_split"),
+    [(1, 8, 64), (512, 8, 64), (2048, 8, 64), (4096, 8, 128), (8192, 8, 256), (40960, 8, 2048),
+     (40960, 1, 1024), (4096, 16, 256)],
+)
+def test_decode_attention_split_length(kv_len, kv_heads, keys_per_split):
+    assert split_len(kv_len, kv_heads) == keys_per_split
+
+
+def test_decode_attention_reference_matches_sdpa_with_the_causal_mask():
+    torch.manual_seed(0)
+    q, keys, values, position = _decode_attention_inputs(
+        KernelCase("decode_attention", (2, 4, 100, 32), "float32", position=70), "cpu"
+    )
+    visible = kernels.visible_keys(position, 100)
+    want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=visible.repeat(4, 1))
+    torch.testing.assert_close(kernels.decode_attention_reference(q, keys, values, position), want)
+    torch.testing.assert_close(kernels.decode_attention_reference(q, keys, values, position[0]), want)
 
 
 def _custom_op_args() -> list[tuple[object, tuple]]:
     x = torch.randn(2, 3, 64)
     gate_up = torch.randn(2, 3, 128)
     weight = torch.randn(64)
+    attention = _decode_attention_inputs(KernelCase("decode_attention", (2, 4, 100, 32), "float32",
+                                                    position=70), "cpu")
     return [
         (rms_norm_op, (x, weight, EPS)),
         (add_rms_norm_op, (x, torch.randn_like(x), weight, EPS)),
         (silu_mul_op, (gate_up[..., :64], gate_up[..., 64:])),
+        (decode_attention_op, attention),
     ]
 
 
-@pytest.mark.parametrize("index", range(3), ids=["rms_norm", "add_rms_norm", "silu_mul"])
+@pytest.mark.parametrize("index", range(4), ids=["rms_norm", "add_rms_norm", "silu_mul", "decode_attention"])
 def test_custom_op_registration_passes_opcheck(index):
     op, args = _custom_op_args()[index]
     torch.library.opcheck(op, args)
@@ -274,8 +400,26 @@ def test_custom_ops_in_a_compiled_graph_on_cpu():
     )
 
 
+
+def test_decode_attention_op_in_a_dynamic_compiled_graph_on_cpu():
+    """As the fast runner compiles a layer: dynamic shapes, kv_len a traced int slicing the cache."""
+    def attend(q, k_cache, v_cache, position, kv_len):
+        keys, values = k_cache[1:, :, :kv_len], v_cache[1:, :, :kv_len]
+        return torch.ops.omni.decode_attention(q, keys, values, position) * 2.0
+
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.randn(2, 2, 2, 256, 32)
+    q = torch.randn(1, 2, 4, 32)
+    compiled = torch.compile(attend, fullgraph=True, dynamic=True)
+    for kv_len, position in ((100, 70), (160, 159)):
+        position = torch.tensor([position])
+        keys, values = k_cache[1:, :, :kv_len], v_cache[1:, :, :kv_len]
+        torch.testing.assert_close(compiled(q, k_cache, v_cache, position, kv_len),
+                                   kernels.decode_attention_reference(q, keys, values, position) * 2.0)
+
+
 def test_bench_cases_cover_models_and_rows_and_feed_their_ops():
-    from bench.kernels import ROWS, build_cases
+    from bench.kernels import DECODE_KV_LENS, ROWS, build_cases
 
     cases = build_cases(torch.device("cpu"))
     assert {(c.kernel, c.model, c.rows) for c in cases} == {
@@ -283,8 +427,8 @@ def test_bench_cases_cover_models_and_rows_and_feed_their_ops():
         for kernel in ("rms_norm", "add_rms_norm", "silu_mul")
         for model in ("llm", "tts")
         for rows in ROWS
-    }
-    for case in (c for c in cases if c.rows == 1):
+    } | {("decode_attention", model, kv_len) for model in ("llm", "tts") for kv_len in DECODE_KV_LENS}
+    for case in (c for c in cases if c.rows == 1 or c.rows == DECODE_KV_LENS[0]):
         torch.testing.assert_close(case.triton_fn(*case.inputs), case.reference_fn(*case.inputs))
 
 
@@ -325,6 +469,39 @@ def test_kernels_inside_cuda_graphs(switch_on):
         args += [torch.randn(4096, device="cuda", dtype=torch.bfloat16),
                  torch.randn(1, 4, 8192, device="cuda", dtype=torch.bfloat16)]
         torch.testing.assert_close(compiled(*args), block_reference(*args), atol=5e-2, rtol=5e-2)
+
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_decode_attention_inside_a_cuda_graph(switch_on):
+    """As the fast runner uses it: compiled with dynamic shapes, captured once per kv_len, replayed at
+    several positions written in place into a static position tensor."""
+    kv_heads, groups, head_dim, kv_len = 8, 4, 128, 2048
+    k_cache, v_cache = torch.randn(2, 2, kv_heads, 4096, head_dim, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(1, kv_heads, groups, head_dim, device="cuda", dtype=torch.bfloat16)
+    position = torch.zeros(1, dtype=torch.long, device="cuda")
+
+    def step(q, position):
+        keys, values = k_cache[1, :, :kv_len].unsqueeze(0), v_cache[1, :, :kv_len].unsqueeze(0)
+        return kernels.decode_attention(q, keys, values, position) * 1.0
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        compiled(q, position)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = compiled(q, position)
+    for pos in (0, 1, 511, 1500, kv_len - 1):
+        position.fill_(pos)
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        keys, values = k_cache[1, :, :kv_len].unsqueeze(0), v_cache[1, :, :kv_len].unsqueeze(0)
+        want = kernels.decode_attention_reference(q, keys, values, position)
+        torch.testing.assert_close(out, want, atol=5e-2, rtol=5e-2)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ class DuplexEngine:
         self.cuda_graphs = (cfg.compile.cuda_graphs and self.acceleration == "fast"
                             and self.device.type == "cuda")
         runner_options = {"triton_kernels": cfg.compile.triton_kernels and self.acceleration == "fast",
+                          "decode_attention_kernel": cfg.compile.decode_attention_kernel,
                           "cuda_graphs": self.cuda_graphs}
         self.llm_runner = DecoderRunner(self.model.llm.model, self.acceleration, self.max_kv_tokens,
                                         **runner_options)

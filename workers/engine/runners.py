@@ -69,14 +69,16 @@ def _call_layer(layer: DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor, input_
 
 
 @contextmanager
-def _triton_kernels(enabled: bool) -> Iterator[None]:
-    """Set the Triton kernel switch for the duration of a call."""
-    previous = kernels.is_enabled()
+def _triton_kernels(enabled: bool, decode_attention: bool) -> Iterator[None]:
+    """Set the Triton kernel switch and the decode-attention kernel switch for the duration of a call."""
+    previous = kernels.is_enabled(), kernels.is_decode_attention_enabled()
     kernels.set_enabled(enabled)
+    kernels.set_decode_attention_enabled(decode_attention)
     try:
         yield
     finally:
-        kernels.set_enabled(previous)
+        kernels.set_enabled(previous[0])
+        kernels.set_decode_attention_enabled(previous[1])
 
 
 class DecoderRunner:
@@ -91,6 +93,8 @@ class DecoderRunner:
         cuda_graphs: capture graphs in `fast` mode (default: when the decoder is on CUDA).
         triton_kernels: the Triton kernel switch, set around each call (default: on in `fast`, off in
             the other modes, which keep the reference's torch math).
+        decode_attention_kernel: the switch of the split-KV decode-attention kernel, set around each
+            call like `triton_kernels` (which it needs as well); experimental, off by default.
         layer_probe: `fast` mode only: called as probe(layer_index, output [1, T, H]) after every layer,
             outside the compiled code and inside the captured graphs, so it must only do capturable work
             (e.g. copy into fixed buffers). For layer-by-layer checks; set before `warmup()`.
@@ -99,6 +103,7 @@ class DecoderRunner:
     def __init__(self, decoder: Decoder, mode: Mode, max_len: int | None = None, *,
                  prefill_buckets: Sequence[int] = PREFILL_BUCKETS, kv_bucket: int = KV_BUCKET,
                  cuda_graphs: bool | None = None, triton_kernels: bool | None = None,
+                 decode_attention_kernel: bool = False,
                  layer_probe: Callable[[int, Tensor], None] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -115,6 +120,7 @@ class DecoderRunner:
         self.kv_buckets = tuple(sorted({round_up_kv_len(n, self.max_len, kv_bucket)
                                         for n in range(1, self.max_len + 1, kv_bucket)}))
         self.triton_kernels = (mode == "fast") if triton_kernels is None else triton_kernels
+        self.decode_attention_kernel = decode_attention_kernel
         if cuda_graphs is None:
             cuda_graphs = mode == "fast" and self.device.type == "cuda"
         self.cuda_graphs = cuda_graphs
@@ -156,7 +162,7 @@ class DecoderRunner:
                              f"{self.max_len}")
         x = x.to(self._inputs[1].dtype) if self.mode == "fast" else x
         graphs_before = dynamo_graph_count()
-        with _triton_kernels(self.triton_kernels):
+        with _triton_kernels(self.triton_kernels, self.decode_attention_kernel):
             if self.mode == "fast":
                 hidden = self._fast_forward(x, start_pos, slot)
             else:
@@ -186,7 +192,7 @@ class DecoderRunner:
 
         Writes scratch K/V into the slots: run it before sessions use them.
         """
-        with _triton_kernels(self.triton_kernels):
+        with _triton_kernels(self.triton_kernels, self.decode_attention_kernel):
             for slot in slots:
                 if self.mode == "fast":
                     for length, kv_len in self.fast_shapes():

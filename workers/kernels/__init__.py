@@ -10,22 +10,38 @@ from __future__ import annotations
 
 import torch
 
-from workers.kernels._dispatch import ENABLE_ENV, is_enabled, set_enabled, set_interpret, use_triton
+from workers.kernels._dispatch import (
+    DECODE_ATTENTION_ENV,
+    ENABLE_ENV,
+    is_decode_attention_enabled,
+    is_enabled,
+    set_decode_attention_enabled,
+    set_enabled,
+    set_interpret,
+    use_triton,
+)
 from workers.kernels.add_rmsnorm import add_rms_norm_op, add_rms_norm_reference
+from workers.kernels.flash_decoding import decode_attention_op, decode_attention_reference, visible_keys
 from workers.kernels.rmsnorm import rms_norm_op, rms_norm_reference
 from workers.kernels.swiglu import silu_mul_op, silu_mul_reference
 
 __all__ = [
+    "DECODE_ATTENTION_ENV",
     "ENABLE_ENV",
     "add_rms_norm",
     "add_rms_norm_reference",
+    "decode_attention",
+    "decode_attention_reference",
+    "is_decode_attention_enabled",
     "is_enabled",
     "rms_norm",
     "rms_norm_reference",
+    "set_decode_attention_enabled",
     "set_enabled",
     "set_interpret",
     "silu_mul",
     "silu_mul_reference",
+    "visible_keys",
 ]
 
 
@@ -68,3 +84,27 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor
     if use_triton(gate):
         return silu_mul_op(gate, up)
     return silu_mul_reference(gate, up)
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, input_pos: torch.Tensor
+) -> torch.Tensor:
+    """Attention of the query at position input_pos ([1] or 0-dim) over the first kv_len cache positions.
+
+    q [1, kv_heads, groups, D], keys/values [1, kv_heads, kv_len, D] (any strides); key j is visible
+    iff j <= input_pos. Runs the Triton op only where `use_triton(q)` holds and the decode-attention
+    switch is on; the reference otherwise.
+    """
+    if q.dim() != 4 or q.shape[0] != 1:
+        raise ValueError(f"q must be [1, kv_heads, groups, D], got {tuple(q.shape)}")
+    keys_match = keys.dim() == 4 and keys.shape[:2] == q.shape[:2] and keys.shape[3] == q.shape[3]
+    if not keys_match or values.shape != keys.shape or keys.dtype != q.dtype or values.dtype != q.dtype:
+        raise ValueError(
+            f"keys {tuple(keys.shape)} {keys.dtype} and values {tuple(values.shape)} {values.dtype} must be "
+            f"[1, kv_heads, kv_len, D] matching q {tuple(q.shape)} {q.dtype}"
+        )
+    if input_pos.numel() != 1:
+        raise ValueError(f"input_pos must hold one position, got shape {tuple(input_pos.shape)}")
+    if use_triton(q) and is_decode_attention_enabled():
+        return decode_attention_op(q, keys, values, input_pos)
+    return decode_attention_reference(q, keys, values, input_pos)

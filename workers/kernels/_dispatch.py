@@ -8,6 +8,10 @@ Two switches decide whether the public functions use Triton:
   variable `OMNI_TRITON_KERNELS=0|1` when set;
 - the tensor's device: CUDA, or CPU when the kernels were defined under the Triton interpreter
   (`TRITON_INTERPRET=1` before the first import of this package) and `set_interpret(True)` was called.
+
+The decode-attention kernel (experimental, off by default) also needs its own switch:
+`set_decode_attention_enabled()` (config `compile.decode_attention_kernel`), overridden by
+`OMNI_TRITON_DECODE_ATTENTION=0|1` when set.
 """
 
 from __future__ import annotations
@@ -27,20 +31,23 @@ except ImportError:  # CPU-only installs: references only
     tl = None
 
 ENABLE_ENV = "OMNI_TRITON_KERNELS"
+DECODE_ATTENTION_ENV = "OMNI_TRITON_DECODE_ATTENTION"
 # The interpreter is chosen when `@triton.jit` runs, i.e. when the kernel modules are imported.
 KERNELS_INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _read_env_override() -> bool | None:
-    value = os.environ.get(ENABLE_ENV, "").strip().lower()
+def _read_env_override(name: str) -> bool | None:
+    value = os.environ.get(name, "").strip().lower()
     if value == "":
         return None
     return value not in ("0", "false", "no", "off")
 
 
 # Read once, so that compiled graphs only guard on module globals (no environment reads while tracing).
-_ENV_OVERRIDE = _read_env_override()
+_ENV_OVERRIDE = _read_env_override(ENABLE_ENV)
+_DECODE_ATTENTION_ENV_OVERRIDE = _read_env_override(DECODE_ATTENTION_ENV)
 _enabled = True
+_decode_attention_enabled = False
 _interpret = False
 
 
@@ -55,6 +62,22 @@ def is_enabled() -> bool:
     if _ENV_OVERRIDE is not None:
         return _ENV_OVERRIDE
     return _enabled
+
+
+def set_decode_attention_enabled(enabled: bool) -> None:
+    """Turn the decode-attention kernel on or off (config `compile.decode_attention_kernel`)."""
+    global _decode_attention_enabled
+    _decode_attention_enabled = bool(enabled)
+
+
+def is_decode_attention_enabled() -> bool:
+    """The decode-attention switch as it applies now: `OMNI_TRITON_DECODE_ATTENTION` wins over the setter.
+
+    The kernel runs only where `use_triton()` holds as well.
+    """
+    if _DECODE_ATTENTION_ENV_OVERRIDE is not None:
+        return _DECODE_ATTENTION_ENV_OVERRIDE
+    return _decode_attention_enabled
 
 
 def set_interpret(interpret: bool) -> None:

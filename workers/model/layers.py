@@ -10,6 +10,8 @@
   `add_rms_norm` and `silu_mul`. Where the Triton kernels run (CUDA, switch on; see `workers.kernels`)
   they call the `omni::*` custom ops, which trace into torch.compile graphs as single calls, so eager
   and compiled code run the same kernels; elsewhere they compute the Hugging Face reference math.
+  Decode steps (T = 1) attend through `kernels.decode_attention`, whose split-KV Triton kernel has a
+  switch of its own (experimental, off by default).
 * `Decoder.fuse_projections()` (optional, after loading) packs q/k/v and gate/up into one matrix each
   while the checkpoint-named parameters stay as views into it, so `state_dict()` keeps its names.
 """
@@ -160,26 +162,13 @@ class Attention(nn.Module):
         # GQA without repeating K/V: the query heads sharing one KV head become extra query rows.
         groups = self.heads // self.kv_heads
         q = q.reshape(batch, self.kv_heads, groups * seq, self.head_dim)
-        visible = torch.arange(kv_len, device=x.device)[None, :] <= input_pos[:, None]  # [T, kv_len]
         if seq == 1:
-            out = _decode_attention(q, keys, values, visible)
+            out = kernels.decode_attention(q, keys, values, input_pos)
         else:
+            visible = kernels.visible_keys(input_pos, kv_len)  # [T, kv_len]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.repeat(groups, 1))
         out = out.view(batch, self.heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, q_size)
         return self.o_proj(out)
-
-
-def _decode_attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor) -> Tensor:
-    """Attention of one position, written out: q [1, kv_heads, groups, D] over keys/values
-    [1, kv_heads, kv_len, D] with visible [1, kv_len]; softmax in fp32.
-
-    Fused SDPA kernels spread their work over (heads x query blocks), only kv_heads blocks for a decode
-    step, so their time grows with kv_len on a nearly idle GPU; two batched matmuls and a softmax spread
-    over kv_len instead.
-    """
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
-    weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-    return torch.matmul(weights.to(values.dtype), values)
 
 
 class MLP(nn.Module):
