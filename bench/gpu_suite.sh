@@ -70,7 +70,7 @@ if wanted precompile_warm; then
 fi
 cp "$TORCHINDUCTOR_CACHE_DIR/precompile.json" "$OUT/precompile.json" 2>/dev/null
 if wanted kernels_test; then
-    step kernels_test 180 "$PYTHON" -m pytest -p no:cacheprovider -m gpu -q -rA tests/test_kernels.py
+    step kernels_test 300 "$PYTHON" -m pytest -p no:cacheprovider -m gpu -q -rA tests/test_kernels.py
 fi
 if wanted graph_tests; then
     step graph_tests 300 "$PYTHON" -m pytest -p no:cacheprovider -m gpu -q -rA \
@@ -79,6 +79,9 @@ fi
 if wanted decode_steps; then
     step decode_steps 900 "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --json \
         --out "$OUT/decode_steps.json"
+    # the experimental split-KV decode-attention kernel (compile.decode_attention_kernel), fast mode only
+    OMNI_TRITON_DECODE_ATTENTION=1 step decode_steps_flash 600 "$PYTHON" -m bench.decode_steps \
+        --preset minicpm-o-4.5 --modes fast --json --out "$OUT/decode_steps_flash_decoding.json"
 fi
 if wanted fast_equivalence; then
     step fast_equivalence 420 "$PYTHON" -m pytest -p no:cacheprovider -m gpu -q -s -rA \
