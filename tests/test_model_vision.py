@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from workers.model.image import common_source_grids, patch_grid, plan_slices, slice_image
+from workers.model.image import common_source_grids, patch_grid, plan_slices, slice_count, slice_image
 from workers.model.presets import FULL, TINY
 from workers.model.resampler import Resampler, sincos_pos_table_2d
 from workers.model.vpm import SiglipVisionTransformer, navit_position_ids
@@ -200,3 +200,11 @@ def test_fixed_grid_compiles_without_recompiles(vpm: SiglipVisionTransformer, re
             assert torch.allclose(features, vpm(pixels), atol=1e-5)
             out = compiled_resampler(features, (28, 37))
             assert torch.allclose(out, resampler(features, (28, 37)), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (1920, 1080), (448, 336), (300, 900), (4000, 3000)])
+def test_slice_count_predicts_slice_image_without_resizing(size: tuple[int, int]) -> None:
+    """The session sizes its prefill with slice_count while slice_image runs on the frame thread."""
+    frame = camera_frame(*size)
+    for max_slice_nums in (1, 2, 4, 9):
+        assert slice_count(frame, max_slice_nums, TINY.vision) == len(slice_image(frame, max_slice_nums, TINY.vision))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,8 @@ class DuplexEngine:
         self.heads = (DecodeHeads(self.model, self.logits, self.forbidden_mask, self.control_mask)
                       if self.acceleration == "fast" else None)
         self.default_voice = _load_voice(cfg.model.default_voice_path)
+        # Frames are resized and sliced here (CPU) while the session encodes the unit's audio.
+        self.frame_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="frames")
         self._free_slots = list(range(self.slots))
         self._slot_lock = threading.Lock()
         self.info = {

@@ -37,7 +37,7 @@ from workers.engine.context import KVLedger, PolicyLimits, UnitRecord
 from workers.engine.decoding import RULE_WINDOW_MAX, DecodeParams, choose_token, draw_uniforms
 from workers.model import tokens
 from workers.model.apm import StreamingAudioEncoder
-from workers.model.image import slice_image
+from workers.model.image import slice_count, slice_image
 
 if TYPE_CHECKING:
     from workers.engine.engine import DuplexEngine
@@ -294,19 +294,23 @@ class DuplexSession:
         timer = _Timer(self.engine.device)
         unit_index = self.units_run
         samples = self._take_unit_audio()
+        vision_args, slices = self._model.args.vision, max_slice_nums or 1
         with timer.stage("prefill"):
-            with timer.stage("vision"):
-                images = [piece for frame in frames
-                          for piece in slice_image(frame, max_slice_nums or 1, self._model.args.vision)]
+            # The frames' CPU resize runs on the engine's frame thread while the audio is encoded.
+            slicing = self.engine.frame_thread.submit(
+                lambda: [piece for frame in frames for piece in slice_image(frame, slices, vision_args)])
+            image_count = sum(slice_count(frame, slices, vision_args) for frame in frames)
             queries = self._model.args.resampler.queries
-            prefill_len = 1 + len(images) * (queries + VISION_WRAP_TOKENS) + AUDIO_EMBEDS_PER_UNIT
+            prefill_len = 1 + image_count * (queries + VISION_WRAP_TOKENS) + AUDIO_EMBEDS_PER_UNIT
             if not self.ledger.make_room(prefill_len + self.settings.max_new_speak_tokens_per_chunk + 2, self):
+                slicing.result()
                 self.units_run += 1
                 return self._context_full_result(unit_index, timer)
-            with timer.stage("vision"):
-                vision_embeds = self._model.encode_images(images) if images else None
             with timer.stage("audio"):
                 audio_embeds = self.audio_encoder.feed(samples)
+            with timer.stage("vision"):
+                images = slicing.result()
+                vision_embeds = self._model.encode_images(images) if images else None
             start = self.position
             hidden = self._forward(self._prefill_embeds(vision_embeds, audio_embeds))
         with timer.stage("llm"):
