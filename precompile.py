@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from common.config import ConfigError, add_config_arguments, load_config
+from common.config import add_config_arguments, load_config_or_report
 from workers import compile as compile_tools
 from workers.worker import Worker
 
@@ -28,10 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-id", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"precompile: {e}", file=sys.stderr)
+    cfg = load_config_or_report(args.config, args.overrides, "precompile")
+    if cfg is None:
         return 2
     worker = Worker(cfg, gpu_id=args.gpu_id)
     if not worker.compile_enabled:

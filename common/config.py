@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -234,6 +235,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         return ServiceConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, str(source))) from e
+
+
+def load_config_or_report(path: str | Path | None, overrides: list[str] | dict[str, Any] | None,
+                          program: str) -> ServiceConfig | None:
+    """`load_config` for an entry point: None after printing `program: <error>` to stderr (it then exits 2)."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        print(f"{program}: {exc}", file=sys.stderr)
+        return None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ import sys
 
 import uvicorn
 
-from common.config import ConfigError, add_config_arguments, load_config
+from common.config import add_config_arguments, load_config_or_report
 from server.app import create_app, default_worker_urls
 
 
@@ -24,10 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default=None, help="overrides service.host")
     parser.add_argument("--port", type=int, default=None, help="overrides service.gateway_port")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    config = load_config_or_report(args.config, args.overrides, "gateway")
+    if config is None:
         return 2
     worker_urls = config.service.worker_urls + args.worker_url
     if not worker_urls:

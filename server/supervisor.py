@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, ServiceConfig, SupervisorConfig, load_config
+from common.config import ServiceConfig, SupervisorConfig, load_config_or_report
 
 log = logging.getLogger("supervisor")
 
@@ -251,10 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="config override passed to every worker (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.worker_set)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    cfg = load_config_or_report(args.config, args.worker_set, "supervisor")
+    if cfg is None:
         return 2
     config_path = str(Path(args.config).resolve()) if args.config else None
     gpus = [gpu.strip() for gpu in args.gpus.split(",") if gpu.strip()]

@@ -10,6 +10,7 @@ from common.config import (
     ServiceConfig,
     SessionSettings,
     load_config,
+    load_config_or_report,
     validate_session_settings,
 )
 
@@ -64,3 +65,10 @@ def test_session_settings_ignore_unknown_and_name_bad_key():
         validate_session_settings(base, {"decode_mode": "beam"})
     # defaults untouched: nothing leaks
     assert base.temperature == 0.7
+
+
+def test_entry_points_report_a_bad_config_by_program_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert load_config_or_report(None, ["model.preset=bogus"], "worker") is None
+    message = capsys.readouterr().err
+    assert message.startswith("worker: invalid configuration") and "model.preset" in message
+    assert load_config_or_report(None, ["model.preset=tiny"], "worker").model.preset == "tiny"

@@ -36,7 +36,12 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, WebSocket
 
-from common.config import REPO_ROOT, ConfigError, ServiceConfig, add_config_arguments, load_config
+from common.config import (
+    REPO_ROOT,
+    ServiceConfig,
+    add_config_arguments,
+    load_config_or_report,
+)
 from common.worker_secret import worker_secret_ok
 from workers import compile as compile_tools
 from workers.duplex_socket import DuplexSocketSession
@@ -461,10 +466,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"worker: {e}", file=sys.stderr)
+    cfg = load_config_or_report(args.config, args.overrides, "worker")
+    if cfg is None:
         return 2
     port = args.port if args.port is not None else cfg.service.worker_base_port + args.worker_index
     worker = Worker(cfg, gpu_id=args.gpu_id, worker_index=args.worker_index, port=port)
