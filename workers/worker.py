@@ -218,7 +218,8 @@ class Worker:
         before = compile_tools.compile_cache_counters()
         self.compiled_modules = compile_tools.apply_torch_compile(self.engine, self.cfg.compile)
         self._advance(0, self.progress.total, f"{self.engine.acceleration} decoder shapes and graphs")
-        # after torch.compile: every decoder shape, and the token2wav and vision graphs (no-op when eager)
+        # after torch.compile: every decoder shape and, with CUDA graphs, the step heads, token2wav, vision
+        # and audio graphs (no-op when eager)
         self.engine.warmup()
         report = compile_tools.warmup_compile(self.engine, clip, progress=self._advance)
         self.compile_cache = compile_tools.cache_verdict(before, compile_tools.compile_cache_counters())

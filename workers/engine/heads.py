@@ -20,8 +20,7 @@ from torch import Tensor
 from workers.engine.decoding import RULE_TOP_K_MAX, RULE_WINDOW_MAX, DecodeParams, decode_rule, text_only_mask
 from workers.engine.graphs import CapturedCall
 from workers.model.omni import OmniModel
-
-TTS_PENALTY_WINDOW = 16  # `MiniCPMTTS.generate_codes`' default window
+from workers.model.tts import CODE_PENALTY_WINDOW
 
 
 class DecodeHeads:
@@ -53,7 +52,7 @@ class DecodeHeads:
         tts_examples = (
             torch.zeros(1, args.tts.hidden, device=device, dtype=self.model.llm_dtype),
             torch.tensor([0.8, 1.05, 0.0], device=device),
-            torch.full((TTS_PENALTY_WINDOW,), -1, dtype=torch.long, device=device),
+            torch.full((CODE_PENALTY_WINDOW,), -1, dtype=torch.long, device=device),
             torch.full((1,), 0.5, device=device),
         )
         return (CapturedCall(self._llm_head_and_rule, llm_examples, cuda_graph=cuda_graph, pool=pool),

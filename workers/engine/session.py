@@ -161,15 +161,15 @@ class DuplexSession:
         self.audio_buffer = np.zeros(0, dtype=np.float32)
         self.audio_encoder = StreamingAudioEncoder(engine.model, engine.audio_slots, self.slot)
         self.units_run = 0
+        # The recent-token window: a deque for the eager rule; for the captured rule, the settings (normal
+        # and text-only steps) and a device ring of `repetition_window` entries, padded to the rule's size.
         self.recent_ids: deque[int] = deque(maxlen=self.params.repetition_window)
-        # The captured decode rule's inputs: the settings (normal and text-only steps) and the recent-token
-        # window as a device ring buffer of `repetition_window` entries, padded to the rule's fixed size.
         self.captured_rule = engine.heads is not None and self.params.fits_captured_rule()
         if self.captured_rule:
             self._rule_settings = {text_only: self.params.as_tensor(engine.device, text_only)
                                    for text_only in (False, True)}
             self._recent_ring = torch.full((RULE_WINDOW_MAX,), -1, dtype=torch.long, device=engine.device)
-        self._recent_count = 0
+            self._recent_count = 0
         self.turn_open = False
         self.turn_text_tokens = 0
         self.turn_speaking_units = 0
@@ -215,11 +215,13 @@ class DuplexSession:
                             self.generator, text_only=text_only, control=engine.control_mask)
 
     def _remember(self, token: int) -> None:
-        """Add a chosen token to the recent-token window (the deque, and the ring of the captured rule)."""
-        self.recent_ids.append(token)
+        """Add a chosen token to the recent-token window: the device ring of the captured rule, or the deque
+        the eager rule reads."""
         if self.captured_rule:
             self._recent_ring[self._recent_count % self.params.repetition_window] = token
-        self._recent_count += 1
+            self._recent_count += 1
+        else:
+            self.recent_ids.append(token)
 
     def evict_positions(self, start: int, end: int, length: int) -> None:
         """KVOperations: drop KV positions [start, end) of this slot and shift the rest left."""

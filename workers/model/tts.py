@@ -21,6 +21,7 @@ from workers.model.presets import TTSArgs
 
 # (x [1, T, H], start_pos, slot) -> post-norm hidden [1, T, H]: how a caller runs the backbone.
 BackboneCall = Callable[[Tensor, int, int], Tensor]
+CODE_PENALTY_WINDOW = 16  # recent codes of one call that the frequency penalty counts
 # `MiniCPMTTS.sample_code`'s signature: (hidden_last, settings, recent, uniform) -> code [1].
 SamplerCall = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -113,7 +114,7 @@ class MiniCPMTTS(nn.Module):
     @torch.no_grad()
     def generate_codes(self, condition: Tensor, slot: int, start_pos: int, temperature: float, min_new: int,
                        max_new: int, generator: torch.Generator | None, penalty: float = 1.05,
-                       window: int = 16, backbone: BackboneCall | None = None,
+                       window: int = CODE_PENALTY_WINDOW, backbone: BackboneCall | None = None,
                        sampler: SamplerCall | None = None) -> tuple[list[int], int]:
         """Prefill `condition` at positions [start_pos, ...) of `slot`, then sample up to max_new codes.
 
