@@ -79,9 +79,10 @@ fi
 if wanted decode_steps; then
     step decode_steps 900 "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --json \
         --out "$OUT/decode_steps.json"
-    # the experimental split-KV decode-attention kernel (compile.decode_attention_kernel), fast mode only
-    OMNI_TRITON_DECODE_ATTENTION=1 step decode_steps_flash 600 "$PYTHON" -m bench.decode_steps \
-        --preset minicpm-o-4.5 --modes fast --json --out "$OUT/decode_steps_flash_decoding.json"
+    # fast mode without the decode-step kernels (GEMV, split-KV attention): what they are worth
+    OMNI_TRITON_GEMV=0 OMNI_TRITON_DECODE_ATTENTION=0 step decode_steps_without_decode_kernels 600 \
+        "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --modes fast --json \
+        --out "$OUT/decode_steps_without_decode_kernels.json"
 fi
 if wanted fast_equivalence; then
     step fast_equivalence 420 "$PYTHON" -m pytest -p no:cacheprovider -m gpu -q -s -rA \

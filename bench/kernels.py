@@ -12,6 +12,12 @@ call (medians):
 - `graph_us`: replay of a CUDA graph of many calls (triton.testing.do_bench_cudagraph), i.e. GPU
   time as the server sees it with CUDA graphs, without Python launch overhead;
 - `launch_us`: plain calls (triton.testing.do_bench), Python dispatch and launch included.
+The single-row products (`gemv`, `swiglu_gemv`) run at the decode-step weight shapes (`rows` = N,
+`cols` = K) against F.linear (cuBLAS), with the weight-read bandwidth of both (`*_gbs`). As in a decode
+step, their weights come from memory, not from the 50 MB L2 cache: successive calls cycle through
+copies of the weight that together exceed COLD_BYTES.
+`--sweep-gemv` also times every (BLOCK_N, BLOCK_K, num_warps) of a grid at each shape and reports the
+fastest, which is what `workers/kernels/gemv.py` GEMV_CONFIGS holds.
 Needs CUDA; elsewhere it prints {"skipped": ...} and exits 0.
 """
 
@@ -35,6 +41,13 @@ from workers.kernels import (
 from workers.kernels._dispatch import triton, triton_runs_on
 from workers.kernels.add_rmsnorm import add_rms_norm_op
 from workers.kernels.flash_decoding import decode_attention_op
+from workers.kernels.gemv import (
+    gemv_op,
+    gemv_reference,
+    launch_gemv,
+    swiglu_gemv_op,
+    swiglu_gemv_reference,
+)
 from workers.kernels.rmsnorm import rms_norm_op
 from workers.kernels.swiglu import silu_mul_op
 from workers.model.presets import LLMArgs, TTSArgs
@@ -56,6 +69,19 @@ class Case:
     triton_fn: Callable[..., object]
     reference_fn: Callable[..., object]
     inputs: tuple[object, ...]
+    weight_bytes: int = 0  # bytes of the weight a product streams (gemv kernels), for bandwidth
+
+
+def gemv_shapes() -> list[tuple[str, str, int, int]]:
+    """(kernel, model, N, K) of every single-row product of an LLM and a TTS decode step, and the heads."""
+    llm, tts = LLMArgs(), TTSArgs()
+    shapes = []
+    for model, args, head_rows in (("llm", llm, llm.vocab), ("tts", tts, tts.num_audio_tokens)):
+        qkv = (args.heads + 2 * args.kv_heads) * args.head_dim
+        shapes += [("gemv", model, qkv, args.hidden), ("gemv", model, args.hidden, args.heads * args.head_dim),
+                   ("gemv", model, 2 * args.ffn, args.hidden), ("swiglu_gemv", model, args.hidden, args.ffn),
+                   ("gemv", model, head_rows, args.hidden)]
+    return shapes
 
 
 def build_cases(device: torch.device) -> list[Case]:
@@ -85,7 +111,58 @@ def build_cases(device: torch.device) -> list[Case]:
             inputs = (q, k_cache[1:], v_cache[1:], torch.tensor([kv_len - 1], device=device))
             cases.append(Case("decode_attention", model, kv_len, args.head_dim, decode_attention_op,
                               decode_attention_reference, inputs))
+    for kernel, model, rows, cols in gemv_shapes():
+        weight = torch.randn(rows, cols, device=device, dtype=DTYPE) / cols**0.5
+        width = 2 * cols if kernel == "swiglu_gemv" else cols
+        x = torch.randn(1, 1, width, device=device, dtype=DTYPE)
+        fns = (swiglu_gemv_op, swiglu_gemv_reference) if kernel == "swiglu_gemv" else (gemv_op, gemv_reference)
+        weights = _weight_copies(weight)
+        cases.append(Case(kernel, model, rows, cols, *(_cycling(fn, x, weights) for fn in fns), (),
+                          weight.numel() * weight.element_size()))
     return cases
+
+
+GEMV_SWEEP = [(block_n, block_k, warps) for block_n in (1, 2, 4, 8, 16) for block_k in (128, 256, 512, 1024)
+              for warps in (2, 4, 8) if block_n * block_k <= 8192]
+COLD_BYTES = 256 * 2**20  # several times the H100's L2 cache
+
+
+def _weight_copies(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The weight and identical copies, COLD_BYTES in all (at least the weight itself)."""
+    count = max(1, -(-COLD_BYTES // (weight.numel() * weight.element_size())))
+    return [weight] + [weight.clone() for _ in range(count - 1)]
+
+
+def _cycling(fn: Callable[..., torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor]
+             ) -> Callable[[], torch.Tensor]:
+    """fn(x, w) for the next of the (identical) weights at every call, so no call finds its weight in L2."""
+    calls = iter(range(2**62))
+
+    def call() -> torch.Tensor:
+        return fn(x, weights[next(calls) % len(weights)])
+
+    return call
+
+
+def sweep_gemv(device: torch.device) -> list[dict[str, object]]:
+    """Graph-replay time of the GEMV kernel at each model shape for every config of GEMV_SWEEP."""
+    from triton.testing import do_bench_cudagraph
+
+    results = []
+    for kernel, model, rows, cols in gemv_shapes():
+        weight = torch.randn(rows, cols, device=device, dtype=DTYPE)
+        x = torch.randn((2 if kernel == "swiglu_gemv" else 1) * cols, device=device, dtype=DTYPE)
+        swiglu, weights, timings = kernel == "swiglu_gemv", _weight_copies(weight), {}
+        for config in GEMV_SWEEP:
+            call = _cycling(lambda x, w, swiglu=swiglu, config=config: launch_gemv(x, w, swiglu, config), x, weights)
+            call()
+            timings[config] = 1000.0 * do_bench_cudagraph(call, return_mode="median")
+        best = min(timings, key=timings.get)
+        results.append({"kernel": kernel, "model": model, "rows": rows, "cols": cols, "best": list(best),
+                        "best_us": round(timings[best], 2),
+                        "best_gbs": round(weight.numel() * 2 / timings[best] / 1e3, 1),
+                        "us": {"x".join(map(str, c)): round(t, 2) for c, t in timings.items()}})
+    return results
 
 
 def _as_tuple(output: object) -> tuple[torch.Tensor, ...]:
@@ -118,6 +195,9 @@ def measure(case: Case) -> dict[str, object]:
         "kernel": case.kernel, "model": case.model, "rows": case.rows, "cols": case.cols,
         "max_abs_err": max((got.float() - want.float()).abs().max().item() for got, want in pairs),
     }
+    if case.weight_bytes:
+        result["triton_gbs"] = round(case.weight_bytes / timings["triton"]["graph_us"] / 1e3, 1)
+        result["reference_gbs"] = round(case.weight_bytes / timings["torch_eager"]["graph_us"] / 1e3, 1)
     for kind in ("graph_us", "launch_us"):
         us = {name: round(t[kind], 2) for name, t in timings.items()}
         result[kind] = us
@@ -128,7 +208,7 @@ def measure(case: Case) -> dict[str, object]:
     return result
 
 
-def run() -> dict[str, object]:
+def run(sweep: bool = False) -> dict[str, object]:
     """The whole benchmark as one JSON-ready dict, or {"skipped": reason} without CUDA + Triton."""
     if not torch.cuda.is_available():
         return {"skipped": "CUDA is required: no CUDA device is visible"}
@@ -142,6 +222,7 @@ def run() -> dict[str, object]:
         "triton": triton.__version__,
         "dtype": str(DTYPE).removeprefix("torch."),
         "results": [measure(case) for case in build_cases(device)],
+        **({"gemv_sweep": sweep_gemv(device)} if sweep else {}),
     }
 
 
@@ -168,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
+    parser.add_argument("--sweep-gemv", action="store_true", help="also time the GEMV kernel's config grid")
     args = parser.parse_args(argv)
-    report = run()
+    report = run(args.sweep_gemv)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

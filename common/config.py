@@ -79,7 +79,8 @@ class CompileConfig(_Strict):
     )
     cuda_graphs: bool = True
     triton_kernels: bool = True
-    decode_attention_kernel: bool = Field(False, description="experimental: not yet measured on a GPU")
+    decode_attention_kernel: bool = Field(True, description="split-KV Triton attention for decode steps")
+    gemv_kernel: bool = Field(True, description="single-row matmuls of decode steps (and SwiGLU) in Triton")
     cache_dir: str = "torch_compile_cache"
 
 

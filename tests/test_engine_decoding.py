@@ -207,3 +207,62 @@ def test_the_rule_and_the_tts_sampler_never_read_a_value_on_the_host() -> None:
         tts.sample_code(torch.randn(1, tts.args.hidden), torch.tensor([0.8, 1.05, 1.0]),
                         torch.tensor([3, -1, 3]), torch.tensor([0.4]))
     assert reads.count == 0
+
+
+def test_the_first_draw_lands_on_a_token_exactly_when_the_full_draw_picks_it() -> None:
+    from workers.engine.decoding import draw_lands_on, sample_index
+
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(3))
+    logits[tokens.CHUNK_EOS] = 9.0  # about half of the mass, so both outcomes occur
+    hits = 0
+    for uniform in torch.rand(200, generator=torch.Generator().manual_seed(4)):
+        lands = bool(draw_lands_on(logits, uniform, tokens.CHUNK_EOS))
+        assert lands == (int(sample_index(logits, uniform)) == tokens.CHUNK_EOS), float(uniform)
+        hits += lands
+    assert 0 < hits < 200
+
+
+def test_the_compiled_step_heads_choose_what_the_eager_ones_choose() -> None:
+    """The rule and the TTS sampler as `DecodeHeads.capture` compiles them (fullgraph, static shapes;
+    Inductor's C++ backend here) pick the same ids as the plain calls, for sampling, greedy and reference
+    settings and text-only steps."""
+    from dataclasses import replace
+
+    from workers.engine.decoding import RULE_TOP_K_MAX, RULE_WINDOW_MAX
+    from workers.model.presets import get_preset
+    from workers.model.tts import MiniCPMTTS
+
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(7)) * 3
+    mask, control = forbidden_mask(VOCAB, [], "cpu"), control_mask(VOCAB, "cpu")
+    recent = recent_window([int(i) for i in torch.topk(logits, 6).indices], RULE_WINDOW_MAX, "cpu")
+
+    def rule(logits, settings, recent, uniforms):  # noqa: ANN001, ANN202
+        return decode_rule(logits, settings, recent, mask, control, uniforms, RULE_TOP_K_MAX,
+                           excluded=text_only_mask(settings, control))
+
+    compiled_rule = torch.compile(rule, fullgraph=True, dynamic=False)
+    settings_list = [
+        DecodeParams(temperature=0.9, top_k=20, top_p=0.8, repetition_penalty=1.3, listen_prob_scale=0.5),
+        DecodeParams(greedy=True, repetition_penalty=1.5),
+        DecodeParams(temperature=0.7, top_k=5, top_p=0.95, reference=True, listen_top_k=3),
+    ]
+    for params in settings_list:
+        for text_only in (False, True):
+            for seed in range(4):
+                uniforms = draw_uniforms(params, torch.Generator().manual_seed(seed), "cpu")
+                settings = params.as_tensor("cpu", text_only)
+                assert int(compiled_rule(logits, settings, recent, uniforms)) == \
+                    int(rule(logits, settings, recent, uniforms)), (params, text_only, seed)
+
+    torch.manual_seed(0)
+    tts = MiniCPMTTS(replace(get_preset("tiny").tts, num_audio_tokens=64)).eval()
+    tts.init_weights()
+    tts.fold_weight_norm()
+    compiled_sampler = torch.compile(tts.sample_code, fullgraph=True, dynamic=False)
+    hidden = torch.randn(1, tts.args.hidden, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for settings, uniform in ((torch.tensor([0.8, 1.05, 1.0]), 0.3), (torch.tensor([1.0, 1.2, 0.0]), 0.9),
+                                  (torch.tensor([1.0, 1.05, 0.0]), -1.0)):
+            recent_codes, uniform = torch.tensor([3, -1, 3, 7]), torch.tensor([uniform])
+            assert int(compiled_sampler(hidden, settings, recent_codes, uniform)) == \
+                int(tts.sample_code(hidden, settings, recent_codes, uniform))

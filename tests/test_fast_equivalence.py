@@ -50,7 +50,7 @@ def _interpreted_decoder_cosines() -> dict[str, float]:
     outputs = {}
     with torch.no_grad():
         for slot, enabled in ((0, False), (1, True)):
-            kernels.set_enabled(enabled)
+            kernels.TRITON_KERNELS.set(enabled)
             outputs[enabled] = tts.model(x, torch.arange(7), slot, 8)
     caches = tts.model.layers[-1].self_attn.kv_cache
     return {

@@ -23,6 +23,7 @@ from workers.kernels.add_rmsnorm import add_rms_norm_op
 from workers.kernels.flash_decoding import decode_attention_op, split_len
 from workers.kernels.rmsnorm import rms_norm_op
 from workers.kernels.swiglu import silu_mul_op
+from workers.model.layers import linear
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EPS = 1e-6
@@ -36,9 +37,10 @@ class KernelCase:
 
     decode_attention: shape is (kv_heads, groups, kv_len, head_dim), `position` the query position, and
     keys/values are slot 1 of a 2-slot cache, as the model passes them.
+    gemv / swiglu_gemv: shape is the weight's (N, K); x is one row [1, 1, K] (gate/up [1, 1, 2K]).
     """
 
-    kernel: str  # rms_norm | add_rms_norm | silu_mul | silu_mul_fused | decode_attention
+    kernel: str  # rms_norm | add_rms_norm | silu_mul | silu_mul_fused | decode_attention | gemv | swiglu_gemv
     shape: tuple[int, ...]
     dtype: str
     layout: str = "contiguous"  # contiguous | row_strided (rows padded) | transposed (last dim strided)
@@ -74,6 +76,19 @@ DECODE_INTERPRETER_CASES = (
 )
 
 
+# Weight shapes (N, K): ragged N and K (masked tiles), a K shorter than one tile, a tall thin matrix.
+GEMV_INTERPRETER_CASES = [
+    KernelCase(kernel, shape, dtype)
+    for kernel in ("gemv", "swiglu_gemv")
+    for shape in ((13, 100), (64, 768), (300, 40))
+    for dtype in TOLERANCE
+]
+# The model's decode-step products (LLM qkv, o, gate/up, down, LM head; TTS qkv, o, gate/up, down).
+GEMV_MODEL_SHAPES = [(6144, 4096), (4096, 4096), (24576, 4096), (151748, 4096), (2304, 768), (768, 768),
+                     (6144, 768)]
+SWIGLU_GEMV_MODEL_SHAPES = [(4096, 12288), (768, 3072)]
+
+
 def _cases_for_dtype(dtype: str) -> list[KernelCase]:
     # 1 row, non-power-of-2 hidden, many rows, 3-D.
     shapes = [(1, 64), (7, 100), (130, 96), (2, 3, 200)]
@@ -90,6 +105,7 @@ INTERPRETER_CASES = [case for dtype in TOLERANCE for case in _cases_for_dtype(dt
     KernelCase("add_rms_norm", (2, 5, 64), "float32", "transposed"),
     KernelCase("silu_mul", (3, 4, 100), "bfloat16", "row_strided"),
     *DECODE_INTERPRETER_CASES,
+    *GEMV_INTERPRETER_CASES,
 ]
 LARGE_ROW_KERNELS = (("rms_norm", 4096), ("add_rms_norm", 4096), ("add_rms_norm", 768), ("silu_mul", 12288))
 CUDA_CASES = (
@@ -100,6 +116,8 @@ CUDA_CASES = (
     + _decode_attention_cases([LLM_ATTENTION, TTS_ATTENTION], DECODE_POSITIONS, "float16")
     + _decode_attention_cases([LLM_ATTENTION, TTS_ATTENTION, (12, 1, 64), (2, 2, 32)],
                               [(4096, 4000), (8192, 5000), (40960, 40959)], "bfloat16")
+    + [KernelCase("gemv", shape, "bfloat16") for shape in GEMV_MODEL_SHAPES]
+    + [KernelCase("swiglu_gemv", shape, "bfloat16") for shape in SWIGLU_GEMV_MODEL_SHAPES]
 )
 
 
@@ -129,8 +147,10 @@ def check_case(case: KernelCase, device: str) -> str | None:
     if case.kernel == "decode_attention":
         inputs = _decode_attention_inputs(case, device)
         got, want = kernels.decode_attention(*inputs), kernels.decode_attention_reference(*inputs)
-        taken = use_triton(inputs[0]) and kernels.is_decode_attention_enabled()
+        taken = use_triton(inputs[0]) and kernels.DECODE_ATTENTION.is_on()
         return _compare(case, got, want, taken)
+    if case.kernel in ("gemv", "swiglu_gemv"):
+        return _check_gemv(case, device)
     dtype = getattr(torch, case.dtype)
     x = _make_tensor(case.shape, dtype, case.layout, device)
     hidden = case.shape[-1]
@@ -149,6 +169,20 @@ def check_case(case: KernelCase, device: str) -> str | None:
         got = kernels.silu_mul(fused)
         want = kernels.silu_mul_reference(fused[..., :hidden], fused[..., hidden:])
     return _compare(case, got, want, use_triton(x))
+
+
+def _check_gemv(case: KernelCase, device: str) -> str | None:
+    """One row against a weight of case.shape scaled so outputs are O(1) (the tolerance is absolute)."""
+    dtype = getattr(torch, case.dtype)
+    rows, cols = case.shape
+    weight = (torch.randn(rows, cols, device=device) / cols**0.5).to(dtype)
+    if case.kernel == "gemv":
+        x = torch.randn(1, 1, cols, dtype=dtype, device=device)
+        got, want = kernels.gemv(x, weight), kernels.gemv_reference(x, weight)
+    else:
+        x = torch.randn(1, 1, 2 * cols, dtype=dtype, device=device)
+        got, want = kernels.swiglu_gemv(x, weight), kernels.swiglu_gemv_reference(x, weight)
+    return _compare(case, got, want, kernels.use_gemv(x))
 
 
 def _compare(case: KernelCase, got: object, want: object, triton_taken: bool) -> str | None:
@@ -182,22 +216,26 @@ def interpreter_report() -> dict[str, object]:
 
     traced = {}
     for enabled in (True, False):
-        kernels.set_enabled(enabled)
+        kernels.TRITON_KERNELS.set(enabled)
         traced["enabled" if enabled else "disabled"] = _omni_ops_traced(block, x, weight)
-    kernels.set_enabled(True)
+    kernels.TRITON_KERNELS.set(True)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     compiled_equals_eager = torch.equal(compiled(x, weight), block(x, weight))
 
     attention_inputs = _decode_attention_inputs(KernelCase("decode_attention", (2, 4, 100, 32), "float32",
                                                            position=70), "cpu")
     traced_attention = {}
-    for triton_on, attention_on in ((True, True), (True, False), (False, True)):
-        kernels.set_enabled(triton_on)
-        kernels.set_decode_attention_enabled(attention_on)
-        key = f"kernels_{'on' if triton_on else 'off'}-attention_{'on' if attention_on else 'off'}"
+    traced_gemv = {}
+    row, matrix = torch.randn(1, 1, 64), torch.randn(32, 64)
+    for triton_on, own_switch_on in ((True, True), (True, False), (False, True)):
+        kernels.TRITON_KERNELS.set(triton_on)
+        kernels.DECODE_ATTENTION.set(own_switch_on)
+        kernels.GEMV.set(own_switch_on)
+        key = f"kernels_{'on' if triton_on else 'off'}-own_{'on' if own_switch_on else 'off'}"
         traced_attention[key] = _omni_ops_traced(kernels.decode_attention, *attention_inputs)
-    kernels.set_enabled(True)
-    kernels.set_decode_attention_enabled(True)
+        traced_gemv[key] = _omni_ops_traced(linear, row, matrix)
+    for switch in (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV):
+        switch.set(True)
     compiled_attention = torch.compile(
         kernels.decode_attention, fullgraph=True, dynamic=True, backend="aot_eager"
     )
@@ -208,6 +246,7 @@ def interpreter_report() -> dict[str, object]:
         "cases": {case.id: check_case(case, "cpu") for case in INTERPRETER_CASES},
         "traced_ops": traced,
         "traced_decode_attention": traced_attention,
+        "traced_gemv": traced_gemv,
         "compiled_equals_eager": compiled_equals_eager,
         "decode_attention_compiled_equals_eager": attention_compiled_equals_eager,
     }
@@ -216,7 +255,8 @@ def interpreter_report() -> dict[str, object]:
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, object]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop(kernels.ENABLE_ENV, None)
+    for switch in (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV):
+        env.pop(switch.env, None)
     proc = subprocess.run(
         [sys.executable, "-m", "tests.test_kernels"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
         timeout=180,
@@ -227,13 +267,14 @@ def interpreter_results() -> dict[str, object]:
 
 @pytest.fixture
 def switch_on():
-    """Kernels (decode attention included) enabled for the test, the previous state restored after."""
-    previous = kernels.is_enabled(), kernels.is_decode_attention_enabled()
-    kernels.set_enabled(True)
-    kernels.set_decode_attention_enabled(True)
+    """All kernel switches on for the test, the previous state restored after."""
+    switches = (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV)
+    previous = [switch.is_on() for switch in switches]
+    for switch in switches:
+        switch.set(True)
     yield
-    kernels.set_enabled(previous[0])
-    kernels.set_decode_attention_enabled(previous[1])
+    for switch, on in zip(switches, previous):
+        switch.set(on)
 
 
 @pytest.mark.slow
@@ -254,9 +295,18 @@ def test_switch_selects_custom_ops_or_reference(interpreter_results):
 @pytest.mark.slow
 def test_decode_attention_needs_both_switches(interpreter_results):
     assert interpreter_results["traced_decode_attention"] == {
-        "kernels_on-attention_on": ["omni.decode_attention.default"],
-        "kernels_on-attention_off": [],
-        "kernels_off-attention_on": [],
+        "kernels_on-own_on": ["omni.decode_attention.default"],
+        "kernels_on-own_off": [],
+        "kernels_off-own_on": [],
+    }
+
+
+@pytest.mark.slow
+def test_gemv_needs_both_switches(interpreter_results):
+    assert interpreter_results["traced_gemv"] == {
+        "kernels_on-own_on": ["omni.gemv.default"],
+        "kernels_on-own_off": [],
+        "kernels_off-own_on": [],
     }
 
 
@@ -266,18 +316,25 @@ def test_dispatch_traces_into_one_compiled_graph_with_kernels_on(interpreter_res
     assert interpreter_results["decode_attention_compiled_equals_eager"] is True
 
 
-def test_decode_attention_is_off_by_default():
-    assert kernels.is_decode_attention_enabled() is (os.environ.get(kernels.DECODE_ATTENTION_ENV, "0") != "0")
+def test_switches_are_on_by_default_as_in_the_config():
+    from common.config import CompileConfig
+
+    config = CompileConfig()
+    assert config.triton_kernels and config.decode_attention_kernel and config.gemv_kernel
+    for switch in (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV):
+        if switch.env not in os.environ:
+            assert switch.is_on()
 
 
 @pytest.mark.slow
 def test_environment_override_wins_over_set_enabled():
     script = (
         "import torch, workers.kernels as k; from workers.kernels._dispatch import use_triton\n"
-        "k.set_interpret(True); k.set_enabled(True); k.set_decode_attention_enabled(False)\n"
-        "print(k.is_enabled(), use_triton(torch.zeros(1, 64)), k.is_decode_attention_enabled())"
+        "k.set_interpret(True); k.TRITON_KERNELS.set(True); k.DECODE_ATTENTION.set(False)\n"
+        "print(k.TRITON_KERNELS.is_on(), use_triton(torch.zeros(1, 64)), k.DECODE_ATTENTION.is_on())"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", kernels.ENABLE_ENV: "0", kernels.DECODE_ATTENTION_ENV: "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", kernels.TRITON_KERNELS.env: "0",
+           kernels.DECODE_ATTENTION.env: "1"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -308,6 +365,9 @@ def test_cpu_without_interpreter_uses_reference(switch_on):
     assert not use_triton(x)
     assert torch.equal(kernels.rms_norm(x, weight, EPS), kernels.rms_norm_reference(x, weight, EPS))
     assert _omni_ops_traced(lambda x, w: kernels.rms_norm(x, w, EPS), x, weight) == []
+    row, matrix = x[:1], torch.randn(8, 100, dtype=torch.bfloat16)
+    assert not kernels.use_gemv(row)
+    assert torch.equal(linear(row, matrix), kernels.gemv_reference(row, matrix))
 
 
 def test_block_size_is_next_power_of_two_with_more_warps_for_long_rows():
@@ -322,6 +382,10 @@ def test_block_size_is_next_power_of_two_with_more_warps_for_long_rows():
 
 def test_invalid_arguments_are_rejected():
     x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="does not match"):
+        kernels.gemv(x[:1], torch.randn(8, 32))
+    with pytest.raises(ValueError, match="does not match"):
+        kernels.swiglu_gemv(x[:1], torch.randn(8, 64))
     with pytest.raises(ValueError, match="hidden size 64"):
         kernels.rms_norm(x, torch.randn(32), EPS)
     with pytest.raises(ValueError, match="must match"):
@@ -419,7 +483,7 @@ def test_decode_attention_op_in_a_dynamic_compiled_graph_on_cpu():
 
 
 def test_bench_cases_cover_models_and_rows_and_feed_their_ops():
-    from bench.kernels import DECODE_KV_LENS, ROWS, build_cases
+    from bench.kernels import DECODE_KV_LENS, ROWS, build_cases, gemv_shapes
 
     cases = build_cases(torch.device("cpu"))
     assert {(c.kernel, c.model, c.rows) for c in cases} == {
@@ -427,8 +491,13 @@ def test_bench_cases_cover_models_and_rows_and_feed_their_ops():
         for kernel in ("rms_norm", "add_rms_norm", "silu_mul")
         for model in ("llm", "tts")
         for rows in ROWS
-    } | {("decode_attention", model, kv_len) for model in ("llm", "tts") for kv_len in DECODE_KV_LENS}
-    for case in (c for c in cases if c.rows == 1 or c.rows == DECODE_KV_LENS[0]):
+    } | {("decode_attention", model, kv_len) for model in ("llm", "tts") for kv_len in DECODE_KV_LENS} | {
+        (kernel, model, rows) for kernel, model, rows, _ in gemv_shapes()
+    }
+    assert {(c.rows, c.cols) for c in cases if "gemv" in c.kernel} == {
+        (rows, cols) for rows, cols in GEMV_MODEL_SHAPES + SWIGLU_GEMV_MODEL_SHAPES + [(6562, 768)]
+    }
+    for case in (c for c in cases if c.rows == 1 or c.rows == DECODE_KV_LENS[0] or c.model == "tts"):
         torch.testing.assert_close(case.triton_fn(*case.inputs), case.reference_fn(*case.inputs))
 
 

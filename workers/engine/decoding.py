@@ -157,6 +157,17 @@ def sample_index(logits: Tensor, uniform: Tensor, count: Tensor | None = None) -
     return index.clamp(max=logits.shape[-1] - 1) if count is None else torch.minimum(index, count - 1)
 
 
+def draw_lands_on(logits: Tensor, uniform: Tensor, token: int) -> Tensor:
+    """0-dim bool: `sample_index(logits, uniform)` would draw `token`, found without its cumulative sum.
+
+    The inverse-CDF draw lands on `token` iff mass(ids < token) <= uniform * total < mass(ids <= token):
+    two partial sums instead of a running sum and a search over the vocabulary.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    below, target = probs[:token].sum(), uniform * probs.sum()
+    return (below <= target) & (target < below + probs[token])
+
+
 def apply_repetition_penalty(scores: Tensor, recent: Tensor, settings: Tensor, control: Tensor) -> Tensor:
     """Penalise every distinct id of `recent` (long [W], -1 = empty), in place on masked scores [V].
 
@@ -236,7 +247,8 @@ def decode_rule(logits: Tensor, settings: Tensor, recent: Tensor, forbidden: Ten
 
     if excluded is not None:
         logits = logits.masked_fill(excluded, float("-inf"))
-    natural = pick(lambda: torch.argmax(logits), lambda: sample_index(logits, uniforms[0]))
+    natural_ends_chunk = pick(lambda: torch.argmax(logits) == tokens.CHUNK_EOS,
+                              lambda: draw_lands_on(logits, uniforms[0], tokens.CHUNK_EOS))
     scores = logits.masked_fill(forbidden, float("-inf"))
     apply_repetition_penalty(scores, recent, settings, control)
     apply_length_penalty(scores, settings)
@@ -248,7 +260,7 @@ def decode_rule(logits: Tensor, settings: Tensor, recent: Tensor, forbidden: Ten
 
     chosen = pick(lambda: torch.argmax(scores), sample_filtered)
     chosen = torch.where(listen_in_top_k(scores, settings), listen_token(settings), chosen)
-    return torch.where(natural == tokens.CHUNK_EOS, natural, chosen)
+    return torch.where(natural_ends_chunk, tokens.CHUNK_EOS, chosen)
 
 
 def choose_token(logits: Tensor, params: DecodeParams, recent_ids: Sequence[int], forbidden: Tensor,

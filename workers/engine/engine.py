@@ -103,6 +103,7 @@ class DuplexEngine:
                             and self.device.type == "cuda")
         runner_options = {"triton_kernels": cfg.compile.triton_kernels and self.acceleration == "fast",
                           "decode_attention_kernel": cfg.compile.decode_attention_kernel,
+                          "gemv_kernel": cfg.compile.gemv_kernel,
                           "cuda_graphs": self.cuda_graphs}
         self.llm_runner = DecoderRunner(self.model.llm.model, self.acceleration, self.max_kv_tokens,
                                         **runner_options)
@@ -166,7 +167,8 @@ class DuplexEngine:
         self.llm_runner.warmup(slots)
         self.tts_runner.warmup(slots)
         if self.heads is not None and self.cuda_graphs:
-            self.heads.capture()
+            with self.llm_runner.kernel_switches():  # the heads' products take the decoders' kernels
+                self.heads.capture()
         self.token2wav.warmup_slots()
         if self.model.vision_calls is not None:
             self.model.warmup_vision(common_source_grids(self.model.args.vision))

@@ -4,8 +4,9 @@
 * TTS: code head + sampling (`MiniCPMTTS.sample_code`) -> the next speech code.
 
 Each is one `CapturedCall` shared by every session of the worker: on CUDA a graph replay (captured by
-`capture()` during the engine's warm-up) instead of some twenty small kernel launches and host syncs per
-step; elsewhere the same code called on the same static buffers. A session's own settings, recent-token
+`capture()` during the engine's warm-up) of the head compiled by torch.compile (Inductor fuses the rule's
+passes over the vocabulary into a few kernels), instead of some twenty small kernel launches and host
+syncs per step; elsewhere the same code, uncompiled, called on the same static buffers. A session's own settings, recent-token
 window and random numbers are inputs, so one graph serves all of them. Settings the graph's fixed sizes
 do not cover (`DecodeParams.fits_captured_rule`) go through the eager `choose_token` instead.
 """
@@ -38,10 +39,13 @@ class DecodeHeads:
         self.llm, self.tts = self._build(cuda_graph=False, pool=None)
 
     def capture(self, pool: tuple[int, int] | None = None) -> None:
-        """Capture both heads as CUDA graphs (in the warm-up, before sessions)."""
+        """Compile both heads and capture them as CUDA graphs (in the warm-up, before sessions)."""
         self.llm, self.tts = self._build(cuda_graph=True, pool=pool)
 
     def _build(self, cuda_graph: bool, pool: tuple[int, int] | None) -> tuple[CapturedCall, CapturedCall]:
+        llm_head, tts_head = self._llm_head_and_rule, self.model.tts.sample_code
+        if cuda_graph:
+            llm_head, tts_head = (torch.compile(head, fullgraph=True, dynamic=False) for head in (llm_head, tts_head))
         device, args = self.control.device, self.model.args
         llm_examples = (
             torch.zeros(1, args.llm.hidden, device=device, dtype=self.model.llm_dtype),
@@ -55,8 +59,8 @@ class DecodeHeads:
             torch.full((CODE_PENALTY_WINDOW,), -1, dtype=torch.long, device=device),
             torch.full((1,), 0.5, device=device),
         )
-        return (CapturedCall(self._llm_head_and_rule, llm_examples, cuda_graph=cuda_graph, pool=pool),
-                CapturedCall(self.model.tts.sample_code, tts_examples, cuda_graph=cuda_graph, pool=pool))
+        return (CapturedCall(llm_head, llm_examples, cuda_graph=cuda_graph, pool=pool),
+                CapturedCall(tts_head, tts_examples, cuda_graph=cuda_graph, pool=pool))
 
     def _llm_head_and_rule(self, hidden_last: Tensor, settings: Tensor, recent: Tensor, uniforms: Tensor) -> Tensor:
         """hidden [1, H] -> the chosen id, long [1]."""

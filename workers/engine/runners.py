@@ -34,13 +34,14 @@ Modes (config `model.acceleration`, `python -m bench.duplex --mode`):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Literal
 
 import torch
 import torch._dynamo
 from torch import Tensor
 
+from common.config import CompileConfig
 from workers import kernels
 from workers.model.layers import Decoder, DecoderLayer, round_up_kv_len
 
@@ -69,16 +70,16 @@ def _call_layer(layer: DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor, input_
 
 
 @contextmanager
-def _triton_kernels(enabled: bool, decode_attention: bool) -> Iterator[None]:
-    """Set the Triton kernel switch and the decode-attention kernel switch for the duration of a call."""
-    previous = kernels.is_enabled(), kernels.is_decode_attention_enabled()
-    kernels.set_enabled(enabled)
-    kernels.set_decode_attention_enabled(decode_attention)
+def _kernel_switches(settings: dict[kernels.KernelSwitch, bool]) -> Iterator[None]:
+    """Set kernel switches for the duration of a call, then put back what they were."""
+    previous = {switch: switch.is_on() for switch in settings}
+    for switch, on in settings.items():
+        switch.set(on)
     try:
         yield
     finally:
-        kernels.set_enabled(previous[0])
-        kernels.set_decode_attention_enabled(previous[1])
+        for switch, on in previous.items():
+            switch.set(on)
 
 
 class DecoderRunner:
@@ -94,7 +95,8 @@ class DecoderRunner:
         triton_kernels: the Triton kernel switch, set around each call (default: on in `fast`, off in
             the other modes, which keep the reference's torch math).
         decode_attention_kernel: the switch of the split-KV decode-attention kernel, set around each
-            call like `triton_kernels` (which it needs as well); experimental, off by default.
+            call like `triton_kernels` (which it needs as well); default: the config's default.
+        gemv_kernel: the switch of the single-row matrix-vector kernel (decode steps), set likewise.
         layer_probe: `fast` mode only: called as probe(layer_index, output [1, T, H]) after every layer,
             outside the compiled code and inside the captured graphs, so it must only do capturable work
             (e.g. copy into fixed buffers). For layer-by-layer checks; set before `warmup()`.
@@ -103,7 +105,7 @@ class DecoderRunner:
     def __init__(self, decoder: Decoder, mode: Mode, max_len: int | None = None, *,
                  prefill_buckets: Sequence[int] = PREFILL_BUCKETS, kv_bucket: int = KV_BUCKET,
                  cuda_graphs: bool | None = None, triton_kernels: bool | None = None,
-                 decode_attention_kernel: bool = False,
+                 decode_attention_kernel: bool | None = None, gemv_kernel: bool | None = None,
                  layer_probe: Callable[[int, Tensor], None] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -120,7 +122,13 @@ class DecoderRunner:
         self.kv_buckets = tuple(sorted({round_up_kv_len(n, self.max_len, kv_bucket)
                                         for n in range(1, self.max_len + 1, kv_bucket)}))
         self.triton_kernels = (mode == "fast") if triton_kernels is None else triton_kernels
-        self.decode_attention_kernel = decode_attention_kernel
+        defaults = CompileConfig()
+        self._kernel_settings = {
+            kernels.TRITON_KERNELS: self.triton_kernels,
+            kernels.DECODE_ATTENTION: (defaults.decode_attention_kernel if decode_attention_kernel is None
+                                       else decode_attention_kernel),
+            kernels.GEMV: defaults.gemv_kernel if gemv_kernel is None else gemv_kernel,
+        }
         if cuda_graphs is None:
             cuda_graphs = mode == "fast" and self.device.type == "cuda"
         self.cuda_graphs = cuda_graphs
@@ -162,7 +170,7 @@ class DecoderRunner:
                              f"{self.max_len}")
         x = x.to(self._inputs[1].dtype) if self.mode == "fast" else x
         graphs_before = dynamo_graph_count()
-        with _triton_kernels(self.triton_kernels, self.decode_attention_kernel):
+        with _kernel_switches(self._kernel_settings):
             if self.mode == "fast":
                 hidden = self._fast_forward(x, start_pos, slot)
             else:
@@ -175,6 +183,10 @@ class DecoderRunner:
         return hidden
 
     __call__ = forward
+
+    def kernel_switches(self) -> AbstractContextManager[None]:
+        """This runner's kernel switch settings, for calls of the same model outside it (the step heads)."""
+        return _kernel_switches(self._kernel_settings)
 
     def recompiles_since_warmup(self) -> int:
         """Dynamo compiles plus CUDA-graph captures caused by this runner's calls after `warmup()`."""
@@ -192,7 +204,7 @@ class DecoderRunner:
 
         Writes scratch K/V into the slots: run it before sessions use them.
         """
-        with _triton_kernels(self.triton_kernels, self.decode_attention_kernel):
+        with _kernel_switches(self._kernel_settings):
             for slot in slots:
                 if self.mode == "fast":
                     for length, kv_len in self.fast_shapes():

@@ -11,36 +11,39 @@ from __future__ import annotations
 import torch
 
 from workers.kernels._dispatch import (
-    DECODE_ATTENTION_ENV,
-    ENABLE_ENV,
-    is_decode_attention_enabled,
-    is_enabled,
-    set_decode_attention_enabled,
-    set_enabled,
+    DECODE_ATTENTION,
+    GEMV,
+    TRITON_KERNELS,
+    KernelSwitch,
     set_interpret,
     use_triton,
 )
 from workers.kernels.add_rmsnorm import add_rms_norm_op, add_rms_norm_reference
 from workers.kernels.flash_decoding import decode_attention_op, decode_attention_reference, visible_keys
+from workers.kernels.gemv import gemv_op, gemv_reference, swiglu_gemv_op, swiglu_gemv_reference
 from workers.kernels.rmsnorm import rms_norm_op, rms_norm_reference
 from workers.kernels.swiglu import silu_mul_op, silu_mul_reference
 
 __all__ = [
-    "DECODE_ATTENTION_ENV",
-    "ENABLE_ENV",
+    "DECODE_ATTENTION",
+    "GEMV",
+    "TRITON_KERNELS",
+    "KernelSwitch",
     "add_rms_norm",
     "add_rms_norm_reference",
     "decode_attention",
     "decode_attention_reference",
-    "is_decode_attention_enabled",
-    "is_enabled",
+    "gemv",
+    "gemv_reference",
     "rms_norm",
     "rms_norm_reference",
-    "set_decode_attention_enabled",
-    "set_enabled",
     "set_interpret",
     "silu_mul",
     "silu_mul_reference",
+    "swiglu_gemv",
+    "swiglu_gemv_reference",
+    "use_gemv",
+    "use_triton",
     "visible_keys",
 ]
 
@@ -105,6 +108,27 @@ def decode_attention(
         )
     if input_pos.numel() != 1:
         raise ValueError(f"input_pos must hold one position, got shape {tuple(input_pos.shape)}")
-    if use_triton(q) and is_decode_attention_enabled():
+    if use_triton(q) and DECODE_ATTENTION.is_on():
         return decode_attention_op(q, keys, values, input_pos)
     return decode_attention_reference(q, keys, values, input_pos)
+
+
+def use_gemv(x: torch.Tensor) -> bool:
+    """Whether a product with x [..., K] goes through the GEMV kernel: one row, kernels and GEMV on."""
+    return x.numel() == x.shape[-1] and use_triton(x) and GEMV.is_on()
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for x [..., K] holding one row and weight [N, K]; call where `use_gemv(x)` holds."""
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.dtype != x.dtype:
+        raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not match x {tuple(x.shape)} {x.dtype}")
+    return gemv_op(x, weight)
+
+
+def swiglu_gemv(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(silu(gate) * up) @ weight.T for gate_up [..., 2F] (gate half first) holding one row, weight [N, F];
+    call where `use_gemv(gate_up)` holds."""
+    if weight.dim() != 2 or 2 * weight.shape[1] != gate_up.shape[-1] or weight.dtype != gate_up.dtype:
+        raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not match gate/up "
+                         f"{tuple(gate_up.shape)} {gate_up.dtype}")
+    return swiglu_gemv_op(gate_up, weight)

@@ -3,15 +3,15 @@
 Triton is optional: without it `triton` and `tl` are None, the kernel modules skip their
 `@triton.jit` definitions, and every call falls back to the torch reference.
 
-Two switches decide whether the public functions use Triton:
-- `set_enabled()` (driven by config `compile.triton_kernels`), overridden by the environment
-  variable `OMNI_TRITON_KERNELS=0|1` when set;
-- the tensor's device: CUDA, or CPU when the kernels were defined under the Triton interpreter
-  (`TRITON_INTERPRET=1` before the first import of this package) and `set_interpret(True)` was called.
-
-The decode-attention kernel (experimental, off by default) also needs its own switch:
-`set_decode_attention_enabled()` (config `compile.decode_attention_kernel`), overridden by
-`OMNI_TRITON_DECODE_ATTENTION=0|1` when set.
+Switches decide whether the public functions use Triton (`KernelSwitch`: set from config, overridden
+by an environment variable read at import):
+- `TRITON_KERNELS` (config `compile.triton_kernels`, env `OMNI_TRITON_KERNELS=0|1`): all kernels;
+- `DECODE_ATTENTION` (config `compile.decode_attention_kernel`, env `OMNI_TRITON_DECODE_ATTENTION`):
+  the split-KV decode-attention kernel, which also needs `TRITON_KERNELS`;
+- `GEMV` (config `compile.gemv_kernel`, env `OMNI_TRITON_GEMV`): the single-row matrix-vector kernel
+  of decode steps, which also needs `TRITON_KERNELS`;
+and the tensor's device: CUDA, or CPU when the kernels were defined under the Triton interpreter
+(`TRITON_INTERPRET=1` before the first import of this package) and `set_interpret(True)` was called.
 """
 
 from __future__ import annotations
@@ -30,54 +30,32 @@ except ImportError:  # CPU-only installs: references only
     triton = None
     tl = None
 
-ENABLE_ENV = "OMNI_TRITON_KERNELS"
-DECODE_ATTENTION_ENV = "OMNI_TRITON_DECODE_ATTENTION"
 # The interpreter is chosen when `@triton.jit` runs, i.e. when the kernel modules are imported.
 KERNELS_INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _read_env_override(name: str) -> bool | None:
-    value = os.environ.get(name, "").strip().lower()
-    if value == "":
-        return None
-    return value not in ("0", "false", "no", "off")
+class KernelSwitch:
+    """An on/off switch: `set()` from config; the environment variable `env`, read once at import (so
+    compiled graphs guard on plain attributes, never on the environment), wins when it is set."""
+
+    def __init__(self, env: str, default: bool) -> None:
+        self.env = env
+        value = os.environ.get(env, "").strip().lower()
+        self._override = None if value == "" else value not in ("0", "false", "no", "off")
+        self._on = default
+
+    def set(self, on: bool) -> None:
+        self._on = bool(on)
+
+    def is_on(self) -> bool:
+        """The switch as it applies now: the environment override if set, else the last `set()`."""
+        return self._on if self._override is None else self._override
 
 
-# Read once, so that compiled graphs only guard on module globals (no environment reads while tracing).
-_ENV_OVERRIDE = _read_env_override(ENABLE_ENV)
-_DECODE_ATTENTION_ENV_OVERRIDE = _read_env_override(DECODE_ATTENTION_ENV)
-_enabled = True
-_decode_attention_enabled = False
+TRITON_KERNELS = KernelSwitch("OMNI_TRITON_KERNELS", True)
+DECODE_ATTENTION = KernelSwitch("OMNI_TRITON_DECODE_ATTENTION", True)
+GEMV = KernelSwitch("OMNI_TRITON_GEMV", True)
 _interpret = False
-
-
-def set_enabled(enabled: bool) -> None:
-    """Turn the Triton kernels on or off for this process (config `compile.triton_kernels`)."""
-    global _enabled
-    _enabled = bool(enabled)
-
-
-def is_enabled() -> bool:
-    """The switch as it applies now: `OMNI_TRITON_KERNELS` (read at import) wins over `set_enabled()`."""
-    if _ENV_OVERRIDE is not None:
-        return _ENV_OVERRIDE
-    return _enabled
-
-
-def set_decode_attention_enabled(enabled: bool) -> None:
-    """Turn the decode-attention kernel on or off (config `compile.decode_attention_kernel`)."""
-    global _decode_attention_enabled
-    _decode_attention_enabled = bool(enabled)
-
-
-def is_decode_attention_enabled() -> bool:
-    """The decode-attention switch as it applies now: `OMNI_TRITON_DECODE_ATTENTION` wins over the setter.
-
-    The kernel runs only where `use_triton()` holds as well.
-    """
-    if _DECODE_ATTENTION_ENV_OVERRIDE is not None:
-        return _DECODE_ATTENTION_ENV_OVERRIDE
-    return _decode_attention_enabled
 
 
 def set_interpret(interpret: bool) -> None:
@@ -97,7 +75,7 @@ def triton_runs_on(device: torch.device) -> bool:
 
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether a public kernel function should call its Triton custom op for `tensor`."""
-    return is_enabled() and triton_runs_on(tensor.device)
+    return TRITON_KERNELS.is_on() and triton_runs_on(tensor.device)
 
 
 def row_block_and_warps(n_cols: int) -> tuple[int, int]:

@@ -11,7 +11,10 @@
   they call the `omni::*` custom ops, which trace into torch.compile graphs as single calls, so eager
   and compiled code run the same kernels; elsewhere they compute the Hugging Face reference math.
   Decode steps (T = 1) attend through `kernels.decode_attention`, whose split-KV Triton kernel has a
-  switch of its own (experimental, off by default).
+  switch of its own (`compile.decode_attention_kernel`).
+* Bias-free products go through `linear`, which hands a single row (a decode step) to the Triton GEMV
+  kernel where it runs and its switch is on (`compile.gemv_kernel`); the fused MLP then also folds
+  SwiGLU into the down projection.
 * `Decoder.fuse_projections()` (optional, after loading) packs q/k/v and gate/up into one matrix each
   while the checkpoint-named parameters stay as views into it, so `state_dict()` keeps its names.
 """
@@ -55,6 +58,14 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     if kernels.use_triton(gate):
         return kernels.silu_mul(gate, up)
     return F.silu(gate) * up
+
+
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight.T (bias-free). A single row (a decode step) goes through the Triton GEMV kernel where
+    it runs and its switch is on: one kernel per product, no split-K reduction pass."""
+    if kernels.use_gemv(x):
+        return kernels.gemv(x, weight)
+    return F.linear(x, weight)
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str | None = None) -> Tensor:
@@ -146,7 +157,7 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         if self.wqkv is not None:
-            q, k, v = F.linear(x, self.wqkv).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = linear(x, self.wqkv).split([q_size, kv_size, kv_size], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(batch, seq, self.heads, self.head_dim)
@@ -168,7 +179,7 @@ class Attention(nn.Module):
             visible = kernels.visible_keys(input_pos, kv_len)  # [T, kv_len]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.repeat(groups, 1))
         out = out.view(batch, self.heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, q_size)
-        return self.o_proj(out)
+        return linear(out, self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -187,7 +198,10 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w13 is not None:
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            gate_up = linear(x, self.w13)
+            if kernels.use_gemv(gate_up):  # a decode step: SwiGLU fused into the down projection
+                return kernels.swiglu_gemv(gate_up, self.down_proj.weight)
+            gate, up = gate_up.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(silu_mul(gate, up))

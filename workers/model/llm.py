@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from workers.model.layers import Decoder, init_module_weights
+from workers.model.layers import Decoder, init_module_weights, linear
 from workers.model.presets import LLMArgs
 
 
@@ -51,7 +51,7 @@ class Qwen3ForCausalLM(nn.Module):
 
     def logits(self, hidden_last: Tensor) -> Tensor:
         """LM head on one position: post-norm hidden [1, H] -> float32 logits [1, V]."""
-        return self.lm_head(hidden_last).float()
+        return linear(hidden_last, self.lm_head.weight).float()
 
     def forward(self, x: Tensor, input_pos: Tensor, slot: int, kv_len: int) -> Tensor:
         """Backbone forward (see `Decoder.forward`); returns post-norm hidden [1, T, H], no logits."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from workers.model.layers import Decoder, init_module_weights, round_up_kv_len
+from workers.model.layers import Decoder, init_module_weights, linear, round_up_kv_len
 from workers.model.presets import TTSArgs
 
 # (x [1, T, H], start_pos, slot) -> post-norm hidden [1, T, H]: how a caller runs the backbone.
@@ -81,7 +81,7 @@ class MiniCPMTTS(nn.Module):
     def code_logits(self, hidden_last: Tensor) -> Tensor:
         """head_code on one position: post-norm hidden [1, hidden] -> float32 logits [1, num_audio_tokens]."""
         if self.head_code_folded is not None:
-            return F.linear(hidden_last, self.head_code_folded).float()
+            return linear(hidden_last, self.head_code_folded).float()
         return self.head_code[0](hidden_last).float()
 
     def build_condition(self, text_ids: Tensor, llm_hidden: Tensor) -> Tensor:
