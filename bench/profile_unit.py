@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def uncaptured_steps() -> None:
         llm_runner._start.fill_(position)
-        for _ in range(5):
-            llm_runner._step(0, 1, kv_len)
+        with llm_runner.kernel_switches():
+            for _ in range(5):
+                llm_runner._step(0, 1, kv_len)
         int(engine.heads.llm(last[:, -1], session.params.as_tensor(engine.device), session._recent_ring,
                              torch.rand(2, device=engine.device)))
 

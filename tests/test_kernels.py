@@ -316,14 +316,14 @@ def test_dispatch_traces_into_one_compiled_graph_with_kernels_on(interpreter_res
     assert interpreter_results["decode_attention_compiled_equals_eager"] is True
 
 
-def test_switches_are_on_by_default_as_in_the_config():
+def test_decode_step_kernels_are_on_in_the_config_and_off_outside_the_runners():
     from common.config import CompileConfig
 
     config = CompileConfig()
     assert config.triton_kernels and config.decode_attention_kernel and config.gemv_kernel
-    for switch in (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV):
+    for switch in (kernels.DECODE_ATTENTION, kernels.GEMV):
         if switch.env not in os.environ:
-            assert switch.is_on()
+            assert not switch.is_on()
 
 
 @pytest.mark.slow

@@ -53,8 +53,10 @@ class KernelSwitch:
 
 
 TRITON_KERNELS = KernelSwitch("OMNI_TRITON_KERNELS", True)
-DECODE_ATTENTION = KernelSwitch("OMNI_TRITON_DECODE_ATTENTION", True)
-GEMV = KernelSwitch("OMNI_TRITON_GEMV", True)
+# Off outside the runners, which set them from the config around every call (and the heads' capture):
+# products and attention of the eager and compile-default modes keep the reference's torch math.
+DECODE_ATTENTION = KernelSwitch("OMNI_TRITON_DECODE_ATTENTION", False)
+GEMV = KernelSwitch("OMNI_TRITON_GEMV", False)
 _interpret = False
 
 
