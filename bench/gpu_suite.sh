@@ -19,8 +19,11 @@
 #   OUT               where results and logs go
 #   SUITE_STEPS       space-separated subset of:
 #                     precompile_cold precompile_warm kernels_test graph_tests fast_equivalence
-#                     decode_steps kernels_bench profile duplex
+#                     decode_steps kernels_bench gemv_sweep profile duplex
 #   SUITE_MAX_STEP_S  cap on every step's time limit (seconds)
+#   SUITE_BUDGET_S    the whole suite's time (seconds): a step gets at most what is left of it, less a
+#                     margin for packing the logs, and is skipped when too little is left
+#   DECODE_MODES      the decoder step benchmark's modes (default eager,compile-default,fast)
 #   DUPLEX_MODES, DUPLEX_UNITS, DUPLEX_WARMUP_UNITS   the duplex benchmark's modes and unit counts
 #   PYTHON            interpreter (default python3)
 set -u
@@ -45,6 +48,14 @@ step() {
     shift 2
     if [[ -n "${SUITE_MAX_STEP_S:-}" && "$SUITE_MAX_STEP_S" -lt "$limit" ]]; then
         limit=$SUITE_MAX_STEP_S
+    fi
+    if [[ -n "${SUITE_BUDGET_S:-}" ]]; then
+        local left=$((SUITE_BUDGET_S - SECONDS - 20))
+        if [[ "$left" -lt 15 ]]; then
+            echo "$name skipped: ${left}s of the suite's budget left" | tee -a "$SUMMARY"
+            return
+        fi
+        [[ "$left" -lt "$limit" ]] && limit=$left
     fi
     local began=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.out" 2>"$OUT/$name.log"
@@ -78,7 +89,7 @@ if wanted graph_tests; then
 fi
 if wanted decode_steps; then
     step decode_steps 900 "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --json \
-        --out "$OUT/decode_steps.json"
+        --modes "${DECODE_MODES:-eager,compile-default,fast}" --out "$OUT/decode_steps.json"
     # fast mode without the decode-step kernels (GEMV, split-KV attention): what they are worth
     OMNI_TRITON_GEMV=0 OMNI_TRITON_DECODE_ATTENTION=0 step decode_steps_without_decode_kernels 600 \
         "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --modes fast --json \
@@ -90,6 +101,9 @@ if wanted fast_equivalence; then
 fi
 if wanted kernels_bench; then
     step kernels_bench 300 "$PYTHON" -m bench.kernels --out "$OUT/kernels.json"
+fi
+if wanted gemv_sweep; then
+    step gemv_sweep 300 "$PYTHON" -m bench.kernels --sweep-gemv --out "$OUT/gemv_sweep.json"
 fi
 if wanted profile; then
     step profile 400 "$PYTHON" -m bench.profile_unit --out "$OUT/profile.json"

@@ -16,8 +16,9 @@ The single-row products (`gemv`, `swiglu_gemv`) run at the decode-step weight sh
 `cols` = K) against F.linear (cuBLAS), with the weight-read bandwidth of both (`*_gbs`). As in a decode
 step, their weights come from memory, not from the 50 MB L2 cache: successive calls cycle through
 copies of the weight that together exceed COLD_BYTES.
-`--sweep-gemv` also times every (BLOCK_N, BLOCK_K, num_warps) of a grid at each shape and reports the
-fastest, which is what `workers/kernels/gemv.py` GEMV_CONFIGS holds.
+`--sweep-gemv` times, instead of the table, every (BLOCK_N, BLOCK_K, num_warps) of a grid at each GEMV
+shape and reports the fastest (what `workers/kernels/gemv.py` GEMV_CONFIGS should hold); with `--out` the
+report is rewritten after every shape, so a run cut short keeps the shapes it finished.
 Needs CUDA; elsewhere it prints {"skipped": ...} and exits 0.
 """
 
@@ -122,8 +123,9 @@ def build_cases(device: torch.device) -> list[Case]:
     return cases
 
 
-GEMV_SWEEP = [(block_n, block_k, warps) for block_n in (1, 2, 4, 8, 16) for block_k in (128, 256, 512, 1024)
-              for warps in (2, 4, 8) if block_n * block_k <= 8192]
+GEMV_SWEEP = [(block_n, block_k, warps) for block_n in (1, 2, 4, 8, 16) for block_k in (128, 512, 1024)
+              for warps in (4, 8) if block_n * block_k <= 8192]
+SWEEP_REP_MS = 10  # graph replays per config: enough for a stable median of a 2-400 µs kernel
 COLD_BYTES = 256 * 2**20  # several times the H100's L2 cache
 
 
@@ -144,11 +146,13 @@ def _cycling(fn: Callable[..., torch.Tensor], x: torch.Tensor, weights: list[tor
     return call
 
 
-def sweep_gemv(device: torch.device) -> list[dict[str, object]]:
-    """Graph-replay time of the GEMV kernel at each model shape for every config of GEMV_SWEEP."""
+def sweep_gemv(device: torch.device, report: Callable[[list[dict[str, object]]], None]
+               ) -> list[dict[str, object]]:
+    """Graph-replay time of the GEMV kernel at each model shape for every config of GEMV_SWEEP; `report`
+    gets the results so far after every shape."""
     from triton.testing import do_bench_cudagraph
 
-    results = []
+    results: list[dict[str, object]] = []
     for kernel, model, rows, cols in gemv_shapes():
         weight = torch.randn(rows, cols, device=device, dtype=DTYPE)
         x = torch.randn((2 if kernel == "swiglu_gemv" else 1) * cols, device=device, dtype=DTYPE)
@@ -156,12 +160,13 @@ def sweep_gemv(device: torch.device) -> list[dict[str, object]]:
         for config in GEMV_SWEEP:
             call = _cycling(lambda x, w, swiglu=swiglu, config=config: launch_gemv(x, w, swiglu, config), x, weights)
             call()
-            timings[config] = 1000.0 * do_bench_cudagraph(call, return_mode="median")
+            timings[config] = 1000.0 * do_bench_cudagraph(call, rep=SWEEP_REP_MS, return_mode="median")
         best = min(timings, key=timings.get)
         results.append({"kernel": kernel, "model": model, "rows": rows, "cols": cols, "best": list(best),
                         "best_us": round(timings[best], 2),
                         "best_gbs": round(weight.numel() * 2 / timings[best] / 1e3, 1),
                         "us": {"x".join(map(str, c)): round(t, 2) for c, t in timings.items()}})
+        report(results)
     return results
 
 
@@ -208,28 +213,41 @@ def measure(case: Case) -> dict[str, object]:
     return result
 
 
-def run(sweep: bool = False) -> dict[str, object]:
-    """The whole benchmark as one JSON-ready dict, or {"skipped": reason} without CUDA + Triton."""
+def run(sweep: bool = False, write: Callable[[dict[str, object]], None] | None = None) -> dict[str, object]:
+    """The whole benchmark (or, with `sweep`, the GEMV config sweep) as one JSON-ready dict, or
+    {"skipped": reason} without CUDA + Triton. `write` gets the sweep's report after every shape."""
     if not torch.cuda.is_available():
         return {"skipped": "CUDA is required: no CUDA device is visible"}
     device = torch.device("cuda")
     if not triton_runs_on(device):
         return {"skipped": "Triton kernels cannot run on CUDA here (triton missing or TRITON_INTERPRET=1)"}
     torch.manual_seed(0)
-    return {
+    write = write or (lambda report: None)
+    report: dict[str, object] = {
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "dtype": str(DTYPE).removeprefix("torch."),
-        "results": [measure(case) for case in build_cases(device)],
-        **({"gemv_sweep": sweep_gemv(device)} if sweep else {}),
     }
+    if sweep:
+        report["gemv_sweep"] = sweep_gemv(device, lambda results: write({**report, "gemv_sweep": results}))
+    else:
+        report["results"] = [measure(case) for case in build_cases(device)]
+    return report
 
 
 def markdown_table(report: dict[str, object]) -> str:
     """A readable table of a `run()` report."""
+    title = f"{report['device']} - torch {report['torch']}, triton {report['triton']}, {report['dtype']}"
+    if "gemv_sweep" in report:
+        lines = [title, "", "| kernel | model | rows | cols | best (BLOCK_N, BLOCK_K, warps) | us | GB/s |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in report["gemv_sweep"]:  # type: ignore[union-attr]
+            lines.append(f"| {r['kernel']} | {r['model']} | {r['rows']} | {r['cols']} | {tuple(r['best'])} "
+                         f"| {r['best_us']} | {r['best_gbs']} |")
+        return "\n".join(lines)
     lines = [
-        f"{report['device']} - torch {report['torch']}, triton {report['triton']}, {report['dtype']}",
+        title,
         "",
         "| kernel | model | rows | cols | triton us (graph) | eager us | compile us | x eager | x compile "
         "| triton us (launch) | eager us | compile us |",
@@ -249,12 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
-    parser.add_argument("--sweep-gemv", action="store_true", help="also time the GEMV kernel's config grid")
+    parser.add_argument("--sweep-gemv", action="store_true",
+                        help="time the GEMV kernel's config grid instead of the kernel table")
     args = parser.parse_args(argv)
-    report = run(args.sweep_gemv)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    def write(report: dict[str, object]) -> None:
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    report = run(args.sweep_gemv, write)
+    write(report)
     if args.json or "skipped" in report:
         print(json.dumps(report))
     else:

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from workers.kernels._dispatch import tl, triton, triton_runs_on
 
-# (BLOCK_N, BLOCK_K, num_warps) per weight shape (N, K): the fastest of a grid on an H100
-# (`python -m bench.kernels --sweep-gemv`, bench/results/kernels_h100.json); others use DEFAULT_CONFIG.
+# (BLOCK_N, BLOCK_K, num_warps) per weight shape (N, K); others use DEFAULT_CONFIG. Hand-picked, not yet
+# swept on a GPU: `python -m bench.kernels --sweep-gemv` times the grid, and its `best` belongs here. The
+# H200 decode steps of docs/BENCHMARKS.md ran with these.
 GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     # LLM (Qwen3-8B): q/k/v, o, gate/up, down (SwiGLU), LM head
     (6144, 4096): (2, 1024, 4),
