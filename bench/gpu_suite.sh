@@ -5,21 +5,23 @@
 #
 # Steps, in order: precompile_cold (a worker start after emptying the compile caches: the cold
 # compile time), precompile_warm (the same start again: the warm start time), Triton kernel tests
-# (native), CUDA-graph equality tests (token2wav, vision, audio unit, a whole fast session), fast-vs-eager
-# layer-by-layer tests, decoder step benchmark, kernel micro-benchmark, the fast-mode component profile,
-# and the duplex benchmark of all modes. Every step runs under its own time limit, logs its wall time
+# (native), CUDA-graph equality tests (token2wav, vision, audio unit, a whole fast session), decoder step
+# benchmark (with and without the decode-step kernels, and with the GEMV fusion), fast-vs-eager layer-by-layer tests, the fp32
+# whole-session greedy token equality, kernel micro-benchmark, GEMV config sweep, the fast-mode component
+# profile, and the duplex benchmark of all modes. Every step runs under its own time limit, logs its wall time
 # and exit code to $OUT/summary.txt, and the suite goes on after a failure. Results and logs go to $OUT
 # (default bench/results/gpu_suite). The device tool allows 10 minutes per command: run the suite in a
 # few calls made back to back (the machine and its compile cache stay warm), e.g.
 #   SUITE_STEPS="precompile_cold precompile_warm graph_tests kernels_test"
-#   SUITE_STEPS="fast_equivalence profile"
+#   SUITE_STEPS="fast_equivalence session_equivalence"
+#   SUITE_STEPS="gemv_sweep kernels_bench profile"
 #   SUITE_STEPS="duplex"
 #
 # Environment:
 #   OUT               where results and logs go
 #   SUITE_STEPS       space-separated subset of:
 #                     precompile_cold precompile_warm kernels_test graph_tests fast_equivalence
-#                     decode_steps kernels_bench gemv_sweep profile duplex
+#                     session_equivalence decode_steps kernels_bench gemv_sweep profile duplex
 #   SUITE_MAX_STEP_S  cap on every step's time limit (seconds)
 #   SUITE_BUDGET_S    the whole suite's time (seconds): a step gets at most what is left of it, less a
 #                     margin for packing the logs, and is skipped when too little is left
@@ -30,7 +32,7 @@ set -u
 
 OUT=${OUT:-bench/results/gpu_suite}
 PYTHON=${PYTHON:-python3}
-SUITE_STEPS=${SUITE_STEPS:-precompile_cold precompile_warm kernels_test graph_tests fast_equivalence decode_steps kernels_bench profile duplex}
+SUITE_STEPS=${SUITE_STEPS:-precompile_cold precompile_warm kernels_test graph_tests fast_equivalence session_equivalence decode_steps kernels_bench gemv_sweep profile duplex}
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 
@@ -94,10 +96,18 @@ if wanted decode_steps; then
     OMNI_TRITON_GEMV=0 OMNI_TRITON_DECODE_ATTENTION=0 step decode_steps_without_decode_kernels 600 \
         "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --modes fast --json \
         --out "$OUT/decode_steps_without_decode_kernels.json"
+    # fast mode with the norms and residual adds folded into the GEMVs (compile.gemv_fusion, off by default)
+    OMNI_TRITON_GEMV_FUSION=1 step decode_steps_with_gemv_fusion 600 \
+        "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --modes fast --json \
+        --out "$OUT/decode_steps_with_gemv_fusion.json"
 fi
 if wanted fast_equivalence; then
     step fast_equivalence 420 "$PYTHON" -m pytest -p no:cacheprovider -m gpu -q -s -rA \
         tests/test_fast_equivalence.py
+fi
+if wanted session_equivalence; then
+    step session_equivalence 540 "$PYTHON" -m pytest -p no:cacheprovider -m gpu -q -rA \
+        tests/test_session_equivalence.py
 fi
 if wanted kernels_bench; then
     step kernels_bench 300 "$PYTHON" -m bench.kernels --out "$OUT/kernels.json"

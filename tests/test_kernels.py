@@ -82,6 +82,12 @@ GEMV_INTERPRETER_CASES = [
     for kernel in ("gemv", "swiglu_gemv")
     for shape in ((13, 100), (64, 768), (300, 40))
     for dtype in TOLERANCE
+] + [
+    # The fused prologue (RMSNorm of x) and epilogue (residual add) of a decode step's products.
+    KernelCase(kernel, shape, dtype)
+    for kernel in ("gemv_norm", "gemv_residual", "gemv_norm_residual", "swiglu_gemv_residual")
+    for shape in ((13, 100), (64, 768))
+    for dtype in TOLERANCE
 ]
 # The model's decode-step products (LLM qkv, o, gate/up, down, LM head; TTS qkv, o, gate/up, down).
 GEMV_MODEL_SHAPES = [(6144, 4096), (4096, 4096), (24576, 4096), (151748, 4096), (2304, 768), (768, 768),
@@ -118,6 +124,10 @@ CUDA_CASES = (
                               [(4096, 4000), (8192, 5000), (40960, 40959)], "bfloat16")
     + [KernelCase("gemv", shape, "bfloat16") for shape in GEMV_MODEL_SHAPES]
     + [KernelCase("swiglu_gemv", shape, "bfloat16") for shape in SWIGLU_GEMV_MODEL_SHAPES]
+    # as the fused decode step uses them: norm into q/k/v and gate/up, residual into o and down
+    + [KernelCase("gemv_norm", shape, "bfloat16") for shape in ((6144, 4096), (24576, 4096), (2304, 768), (6144, 768))]
+    + [KernelCase("gemv_residual", shape, "bfloat16") for shape in ((4096, 4096), (768, 768))]
+    + [KernelCase("swiglu_gemv_residual", shape, "bfloat16") for shape in SWIGLU_GEMV_MODEL_SHAPES]
 )
 
 
@@ -149,7 +159,7 @@ def check_case(case: KernelCase, device: str) -> str | None:
         got, want = kernels.decode_attention(*inputs), kernels.decode_attention_reference(*inputs)
         taken = use_triton(inputs[0]) and kernels.DECODE_ATTENTION.is_on()
         return _compare(case, got, want, taken)
-    if case.kernel in ("gemv", "swiglu_gemv"):
+    if "gemv" in case.kernel:
         return _check_gemv(case, device)
     dtype = getattr(torch, case.dtype)
     x = _make_tensor(case.shape, dtype, case.layout, device)
@@ -172,16 +182,21 @@ def check_case(case: KernelCase, device: str) -> str | None:
 
 
 def _check_gemv(case: KernelCase, device: str) -> str | None:
-    """One row against a weight of case.shape scaled so outputs are O(1) (the tolerance is absolute)."""
+    """One row against a weight of case.shape scaled so outputs are O(1) (the tolerance is absolute);
+    `_norm` / `_residual` in the kernel name add the RMSNorm prologue / residual epilogue."""
     dtype = getattr(torch, case.dtype)
     rows, cols = case.shape
     weight = (torch.randn(rows, cols, device=device) / cols**0.5).to(dtype)
-    if case.kernel == "gemv":
-        x = torch.randn(1, 1, cols, dtype=dtype, device=device)
-        got, want = kernels.gemv(x, weight), kernels.gemv_reference(x, weight)
-    else:
+    residual = torch.randn(1, 1, rows, dtype=dtype, device=device) if "residual" in case.kernel else None
+    if case.kernel.startswith("swiglu_gemv"):
         x = torch.randn(1, 1, 2 * cols, dtype=dtype, device=device)
-        got, want = kernels.swiglu_gemv(x, weight), kernels.swiglu_gemv_reference(x, weight)
+        got = kernels.swiglu_gemv(x, weight, residual)
+        want = kernels.swiglu_gemv_reference(x, weight, residual)
+    else:
+        x = 3.0 * torch.randn(1, 1, cols, dtype=dtype, device=device)  # not unit RMS: the norm must act
+        norm = (1.0 + 0.5 * torch.randn(cols, device=device)).to(dtype) if "norm" in case.kernel else None
+        got = kernels.gemv(x, weight, norm, EPS, residual)
+        want = kernels.gemv_reference(x, weight, norm, EPS, residual)
     return _compare(case, got, want, kernels.use_gemv(x))
 
 
@@ -202,6 +217,16 @@ def _omni_ops_traced(fn, *args) -> list[str]:
 
     graph = make_fx(fn)(*args).graph
     return sorted({str(node.target) for node in graph.nodes if str(node.target).startswith("omni.")})
+
+
+def _omni_op_counts(fn, *args) -> dict[str, int]:
+    """How often each omni:: custom op appears in the graph that make_fx records for fn(*args)."""
+    from collections import Counter
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    targets = (str(node.target) for node in make_fx(fn)(*args).graph.nodes)
+    return dict(Counter(target for target in targets if target.startswith("omni.")))
 
 
 def interpreter_report() -> dict[str, object]:
@@ -233,7 +258,7 @@ def interpreter_report() -> dict[str, object]:
         kernels.GEMV.set(own_switch_on)
         key = f"kernels_{'on' if triton_on else 'off'}-own_{'on' if own_switch_on else 'off'}"
         traced_attention[key] = _omni_ops_traced(kernels.decode_attention, *attention_inputs)
-        traced_gemv[key] = _omni_ops_traced(linear, row, matrix)
+        traced_gemv[key] = _omni_ops_traced(lambda x, weight: linear(x, weight), row, matrix)
     for switch in (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV):
         switch.set(True)
     compiled_attention = torch.compile(
@@ -243,6 +268,7 @@ def interpreter_report() -> dict[str, object]:
         compiled_attention(*attention_inputs), kernels.decode_attention(*attention_inputs)
     )
     return {
+        **_fused_decode_layer_report(),
         "cases": {case.id: check_case(case, "cpu") for case in INTERPRETER_CASES},
         "traced_ops": traced,
         "traced_decode_attention": traced_attention,
@@ -252,10 +278,45 @@ def interpreter_report() -> dict[str, object]:
     }
 
 
+def _fused_decode_layer_report() -> dict[str, object]:
+    """One decode step of a small fp32 decoder layer (fused projections, q/k norms, a written cache) with
+    the GEMV fusion on and off, all kernels interpreted: the omni ops each traces, and the largest
+    difference of the outputs and of the cache rows they wrote."""
+    from workers.model.layers import DecoderLayer, KVCache
+
+    torch.manual_seed(3)
+    layer = DecoderLayer(hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=96, eps=EPS, qk_norm=True)
+    layer.self_attn.kv_cache = KVCache(2, 2, 32, 16, "cpu", torch.float32)
+    for parameter in layer.parameters():
+        parameter.data.normal_(0.0, 0.3)
+    layer.self_attn.kv_cache.k_cache.normal_()
+    layer.self_attn.kv_cache.v_cache.normal_()
+    layer.self_attn.fuse_projections()
+    layer.mlp.fuse_projections()
+    x, position = 2.0 * torch.randn(1, 1, 64), torch.tensor([9])
+    cos, sin = torch.randn(1, 8), torch.randn(1, 8)
+    for switch in (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV):
+        switch.set(True)
+    outputs, caches, traced = {}, {}, {}
+    for fused in (True, False):
+        kernels.GEMV_FUSION.set(fused)
+        key = "fused" if fused else "unfused"
+        outputs[key] = layer(x, cos, sin, position, 1, 16)
+        caches[key] = layer.self_attn.kv_cache.k_cache[1, :, 9].clone()
+        traced[key] = _omni_op_counts(lambda x: layer(x, cos, sin, position, 1, 16), x)
+    kernels.GEMV_FUSION.set(False)
+    return {
+        "fused_layer_ops": traced,
+        "fused_layer_max_diff": (outputs["fused"] - outputs["unfused"]).abs().max().item(),
+        "fused_layer_output_scale": outputs["unfused"].abs().max().item(),
+        "fused_layer_cache_max_diff": (caches["fused"] - caches["unfused"]).abs().max().item(),
+    }
+
+
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, object]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    for switch in (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV):
+    for switch in (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV, kernels.GEMV_FUSION):
         env.pop(switch.env, None)
     proc = subprocess.run(
         [sys.executable, "-m", "tests.test_kernels"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
@@ -268,7 +329,7 @@ def interpreter_results() -> dict[str, object]:
 @pytest.fixture
 def switch_on():
     """All kernel switches on for the test, the previous state restored after."""
-    switches = (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV)
+    switches = (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV, kernels.GEMV_FUSION)
     previous = [switch.is_on() for switch in switches]
     for switch in switches:
         switch.set(True)
@@ -311,6 +372,19 @@ def test_gemv_needs_both_switches(interpreter_results):
 
 
 @pytest.mark.slow
+def test_fused_decode_layer_folds_norms_and_adds_into_the_products(interpreter_results):
+    ops = interpreter_results["fused_layer_ops"]
+    products = {"omni.gemv.default": 3, "omni.swiglu_gemv.default": 1, "omni.decode_attention.default": 1}
+    # Unfused: the input norm, q/k norms and the add + norm around the products; fused: the q/k norms only.
+    assert ops["unfused"] == {**products, "omni.rms_norm.default": 3, "omni.add_rms_norm.default": 1}
+    assert ops["fused"] == {**products, "omni.rms_norm.default": 2}
+    scale = interpreter_results["fused_layer_output_scale"]
+    assert scale > 1.0
+    assert interpreter_results["fused_layer_max_diff"] <= 1e-5 * scale
+    assert interpreter_results["fused_layer_cache_max_diff"] <= 1e-5
+
+
+@pytest.mark.slow
 def test_dispatch_traces_into_one_compiled_graph_with_kernels_on(interpreter_results):
     assert interpreter_results["compiled_equals_eager"] is True
     assert interpreter_results["decode_attention_compiled_equals_eager"] is True
@@ -321,7 +395,8 @@ def test_decode_step_kernels_are_on_in_the_config_and_off_outside_the_runners():
 
     config = CompileConfig()
     assert config.triton_kernels and config.decode_attention_kernel and config.gemv_kernel
-    for switch in (kernels.DECODE_ATTENTION, kernels.GEMV):
+    assert not config.gemv_fusion  # until measured on a GPU
+    for switch in (kernels.DECODE_ATTENTION, kernels.GEMV, kernels.GEMV_FUSION):
         if switch.env not in os.environ:
             assert not switch.is_on()
 

@@ -6,12 +6,20 @@ engine eager, one in the `fast` mode (each decoder layer compiled by inductor's 
 padded to buckets, bucketed attention lengths, fused projections; no CUDA graphs on CPU), and one with
 `service.compile`'s in-place torch.compile of the backbones (the worker's CPU path). Every unit's
 decision, text, token and code counts must be equal, and the audio close.
+
+GPU (`-m gpu`): the same 10-unit session on the full preset, eager against `fast` with its CUDA graphs and
+Triton kernels (GEMV, split-KV attention, norms). In bf16, random weights leave near-ties that rounding
+flips (the layer-by-layer test measured 8 of 11 greedy tokens equal on an H100), so this run is in fp32
+with TF32 off: there the two paths differ only in summation order, and every token must be equal.
 """
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
+import torch
 
 from common.config import ServiceConfig, SessionSettings
 from workers.compile import WARMUP_MP4
@@ -21,8 +29,8 @@ from workers.media import load_media
 UNITS = 10
 
 
-def _session_outputs(acceleration: str) -> list[tuple]:
-    cfg = ServiceConfig.model_validate({"model": {"preset": "tiny", "device": "cpu", "dtype": "float32",
+def _session_outputs(acceleration: str, preset: str = "tiny", device: str = "cpu") -> list[tuple]:
+    cfg = ServiceConfig.model_validate({"model": {"preset": preset, "device": device, "dtype": "float32",
                                                   "acceleration": acceleration, "seed": 7}})
     engine = DuplexEngine(cfg)
     engine.warmup()
@@ -56,3 +64,14 @@ def _assert_same_session(expected: list[tuple], actual: list[tuple]) -> None:
 @pytest.mark.slow
 def test_fast_session_greedy_tokens_equal_eager_tiny_cpu():
     _assert_same_session(_session_outputs("eager"), _session_outputs("fast"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_session_greedy_tokens_equal_eager_full_preset_fp32_gpu(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    expected = _session_outputs("eager", "minicpm-o-4.5", "cuda")
+    gc.collect()  # the eager engine's ~40 GB of fp32 weights go before the fast engine loads its own
+    torch.cuda.empty_cache()
+    _assert_same_session(expected, _session_outputs("fast", "minicpm-o-4.5", "cuda"))

@@ -13,6 +13,7 @@ import torch
 from workers.kernels._dispatch import (
     DECODE_ATTENTION,
     GEMV,
+    GEMV_FUSION,
     TRITON_KERNELS,
     KernelSwitch,
     set_interpret,
@@ -27,6 +28,7 @@ from workers.kernels.swiglu import silu_mul_op, silu_mul_reference
 __all__ = [
     "DECODE_ATTENTION",
     "GEMV",
+    "GEMV_FUSION",
     "TRITON_KERNELS",
     "KernelSwitch",
     "add_rms_norm",
@@ -43,6 +45,7 @@ __all__ = [
     "swiglu_gemv",
     "swiglu_gemv_reference",
     "use_gemv",
+    "use_gemv_fusion",
     "use_triton",
     "visible_keys",
 ]
@@ -118,17 +121,34 @@ def use_gemv(x: torch.Tensor) -> bool:
     return x.numel() == x.shape[-1] and use_triton(x) and GEMV.is_on()
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T for x [..., K] holding one row and weight [N, K]; call where `use_gemv(x)` holds."""
+def use_gemv_fusion(x: torch.Tensor) -> bool:
+    """Whether a decode step with x [..., K] folds its RMSNorms and residual adds into the GEMV kernels."""
+    return use_gemv(x) and GEMV_FUSION.is_on()
+
+
+def _check_residual(residual: torch.Tensor | None, x: torch.Tensor, rows: int) -> None:
+    if residual is not None and (residual.shape != (*x.shape[:-1], rows) or residual.dtype != x.dtype):
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not match the output "
+                         f"{(*x.shape[:-1], rows)} {x.dtype}")
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """[residual +] (rms_norm(x, norm_weight, eps) if norm_weight is given, else x) @ weight.T for x [..., K]
+    holding one row and weight [N, K]; call where `use_gemv(x)` holds."""
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.dtype != x.dtype:
         raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not match x {tuple(x.shape)} {x.dtype}")
-    return gemv_op(x, weight)
+    if norm_weight is not None:
+        _check_norm_weight(x, norm_weight)
+    _check_residual(residual, x, weight.shape[0])
+    return gemv_op(x, weight, norm_weight, eps, residual)
 
 
-def swiglu_gemv(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(silu(gate) * up) @ weight.T for gate_up [..., 2F] (gate half first) holding one row, weight [N, F];
-    call where `use_gemv(gate_up)` holds."""
+def swiglu_gemv(gate_up: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """[residual +] (silu(gate) * up) @ weight.T for gate_up [..., 2F] (gate half first) holding one row,
+    weight [N, F]; call where `use_gemv(gate_up)` holds."""
     if weight.dim() != 2 or 2 * weight.shape[1] != gate_up.shape[-1] or weight.dtype != gate_up.dtype:
         raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not match gate/up "
                          f"{tuple(gate_up.shape)} {gate_up.dtype}")
-    return swiglu_gemv_op(gate_up, weight)
+    _check_residual(residual, gate_up, weight.shape[0])
+    return swiglu_gemv_op(gate_up, weight, residual)

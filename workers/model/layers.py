@@ -14,7 +14,9 @@
   switch of its own (`compile.decode_attention_kernel`).
 * Bias-free products go through `linear`, which hands a single row (a decode step) to the Triton GEMV
   kernel where it runs and its switch is on (`compile.gemv_kernel`); the fused MLP then also folds
-  SwiGLU into the down projection.
+  SwiGLU into the down projection. With `compile.gemv_fusion` a decode step also folds both RMSNorms
+  into the GEMV that follows each and both residual adds into the GEMV before each (`linear`'s `norm`
+  and `residual`), so a layer's norms and adds launch no kernels of their own.
 * `Decoder.fuse_projections()` (optional, after loading) packs q/k/v and gate/up into one matrix each
   while the checkpoint-named parameters stay as views into it, so `state_dict()` keeps its names.
 """
@@ -60,12 +62,15 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-def linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x @ weight.T (bias-free). A single row (a decode step) goes through the Triton GEMV kernel where
-    it runs and its switch is on: one kernel per product, no split-K reduction pass."""
+def linear(x: Tensor, weight: Tensor, norm: RMSNorm | None = None, residual: Tensor | None = None) -> Tensor:
+    """[residual +] (norm(x) if norm is given, else x) @ weight.T (bias-free). A single row (a decode step)
+    goes through the Triton GEMV kernel where it runs and its switch is on: one kernel per product, no
+    split-K reduction pass, the norm and the residual add inside it."""
     if kernels.use_gemv(x):
-        return kernels.gemv(x, weight)
-    return F.linear(x, weight)
+        return kernels.gemv(x, weight, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
+                            residual)
+    out = F.linear(x if norm is None else norm(x), weight)
+    return out if residual is None else residual + out
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str | None = None) -> Tensor:
@@ -153,12 +158,15 @@ class Attention(nn.Module):
         self.wqkv = _fuse_linear_weights([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, slot: int,
-                kv_len: int) -> Tensor:
+                kv_len: int, norm: RMSNorm | None = None, residual: Tensor | None = None) -> Tensor:
+        """[residual +] attention(norm(x) if norm is given, else x); in a decode step through the GEMV
+        kernel, the norm rides in the q/k/v product and the residual add in the output projection."""
         batch, seq, _ = x.shape
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         if self.wqkv is not None:
-            q, k, v = linear(x, self.wqkv).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = linear(x, self.wqkv, norm=norm).split([q_size, kv_size, kv_size], dim=-1)
         else:
+            x = x if norm is None else norm(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(batch, seq, self.heads, self.head_dim)
         k = k.view(batch, seq, self.kv_heads, self.head_dim)
@@ -179,7 +187,7 @@ class Attention(nn.Module):
             visible = kernels.visible_keys(input_pos, kv_len)  # [T, kv_len]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.repeat(groups, 1))
         out = out.view(batch, self.heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, q_size)
-        return linear(out, self.o_proj.weight)
+        return linear(out, self.o_proj.weight, residual=residual)
 
 
 class MLP(nn.Module):
@@ -196,15 +204,19 @@ class MLP(nn.Module):
         """Pack gate/up into one [2*ffn, hidden] matrix; gate/up_proj.weight become views of it."""
         self.w13 = _fuse_linear_weights([self.gate_proj, self.up_proj])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, norm: RMSNorm | None = None, residual: Tensor | None = None) -> Tensor:
+        """[residual +] mlp(norm(x) if norm is given, else x); in a decode step through the GEMV kernel,
+        the norm rides in the gate/up product and the residual add in the down projection."""
         if self.w13 is not None:
-            gate_up = linear(x, self.w13)
+            gate_up = linear(x, self.w13, norm=norm)
             if kernels.use_gemv(gate_up):  # a decode step: SwiGLU fused into the down projection
-                return kernels.swiglu_gemv(gate_up, self.down_proj.weight)
+                return kernels.swiglu_gemv(gate_up, self.down_proj.weight, residual)
             gate, up = gate_up.chunk(2, dim=-1)
         else:
+            x = x if norm is None else norm(x)
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(silu_mul(gate, up))
+        out = self.down_proj(silu_mul(gate, up))
+        return out if residual is None else residual + out
 
 
 def _fuse_linear_weights(linears: list[nn.Linear]) -> Tensor:
@@ -235,6 +247,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, slot: int,
                 kv_len: int) -> Tensor:
+        if kernels.use_gemv_fusion(x):
+            # A decode step: each norm rides in the product after it, each residual add in the one before.
+            x = self.self_attn(x, cos, sin, input_pos, slot, kv_len, norm=self.input_layernorm, residual=x)
+            return self.mlp(x, norm=self.post_attention_layernorm, residual=x)
         attn_out = self.self_attn(self.input_layernorm(x), cos, sin, input_pos, slot, kv_len)
         x, normed = add_rms_norm(x, attn_out, self.post_attention_layernorm.weight,
                                  self.post_attention_layernorm.eps)
