@@ -16,6 +16,9 @@ The single-row products (`gemv`, `swiglu_gemv`) run at the decode-step weight sh
 `cols` = K) against F.linear (cuBLAS), with the weight-read bandwidth of both (`*_gbs`). As in a decode
 step, their weights come from memory, not from the 50 MB L2 cache: successive calls cycle through
 copies of the weight that together exceed COLD_BYTES.
+The decode fusion's kernels (`compile.decode_fusion`) run at the model shapes too: the q/k/v GEMV with
+its RMSNorm prologue, the o and down GEMVs with their residual epilogue, and the attention prologue
+`qk_norm_rope_cache` (`rows` = heads + 2 x kv_heads, `cols` = head_dim).
 `--sweep-gemv` times, instead of the table, every (BLOCK_N, BLOCK_K, num_warps) of a grid at each GEMV
 shape and reports the fastest (what `workers/kernels/gemv.py` GEMV_CONFIGS should hold); with `--out` the
 report is rewritten after every shape, so a run cut short keeps the shapes it finished.
@@ -50,6 +53,7 @@ from workers.kernels.gemv import (
     swiglu_gemv_reference,
 )
 from workers.kernels.rmsnorm import rms_norm_op
+from workers.kernels.rope_cache import qk_norm_rope_cache_op, qk_norm_rope_cache_reference
 from workers.kernels.swiglu import silu_mul_op
 from workers.model.presets import LLMArgs, TTSArgs
 
@@ -120,6 +124,39 @@ def build_cases(device: torch.device) -> list[Case]:
         weights = _weight_copies(weight)
         cases.append(Case(kernel, model, rows, cols, *(_cycling(fn, x, weights) for fn in fns), (),
                           weight.numel() * weight.element_size()))
+    return cases + decode_fusion_cases(device)
+
+
+def decode_fusion_cases(device: torch.device) -> list[Case]:
+    """The decode fusion's kernels at the model shapes: the q/k/v product with its RMSNorm prologue, the
+    output projection and down projection with their residual epilogue, and the attention prologue
+    (q/k norm + RoPE + K/V write into slot 1 of a 2-slot cache of 8192 positions)."""
+    cases = []
+    for model, args in {"llm": LLMArgs(), "tts": TTSArgs()}.items():
+        qkv_rows = (args.heads + 2 * args.kv_heads) * args.head_dim
+        norm = torch.randn(args.hidden, device=device, dtype=DTYPE)
+        x, residual = (torch.randn(1, 1, args.hidden, device=device, dtype=DTYPE) for _ in range(2))
+        gate_up = torch.randn(1, 1, 2 * args.ffn, device=device, dtype=DTYPE)
+        for kernel, rows, cols, fused, reference, x_in, extra in (
+            ("gemv_norm", qkv_rows, args.hidden, gemv_op, gemv_reference, x, (norm, EPS)),
+            ("gemv_residual", args.hidden, args.heads * args.head_dim, gemv_op, gemv_reference,
+             torch.randn(1, 1, args.heads * args.head_dim, device=device, dtype=DTYPE), (None, 0.0, residual)),
+            ("swiglu_gemv_residual", args.hidden, args.ffn, swiglu_gemv_op, swiglu_gemv_reference, gate_up,
+             (residual,)),
+        ):
+            weights = _weight_copies(torch.randn(rows, cols, device=device, dtype=DTYPE) / cols**0.5)
+            calls = [_cycling(lambda x, w, fn=fn, extra=extra: fn(x, w, *extra), x_in, weights)
+                     for fn in (fused, reference)]
+            cases.append(Case(kernel, model, rows, cols, *calls, (), weights[0].numel() * weights[0].element_size()))
+        head_dim, kv_heads = args.head_dim, args.kv_heads
+        qkv = torch.randn(1, 1, qkv_rows, device=device, dtype=DTYPE)
+        qk_norm = model == "llm"  # Qwen3 normalises q and k; the TTS backbone does not
+        norms = (torch.ones(head_dim, device=device, dtype=DTYPE),) * 2 if qk_norm else (None, None)
+        cos, sin = (torch.randn(1, head_dim // 2, device=device, dtype=DTYPE) for _ in range(2))
+        k_cache, v_cache = (torch.zeros(2, kv_heads, 8192, head_dim, device=device, dtype=DTYPE) for _ in range(2))
+        inputs = (qkv, *norms, EPS, cos, sin, k_cache, v_cache, 1, torch.tensor([4000], device=device), args.heads)
+        cases.append(Case("qk_norm_rope_cache", model, args.heads + 2 * kv_heads, head_dim, qk_norm_rope_cache_op,
+                          qk_norm_rope_cache_reference, inputs))
     return cases
 
 

@@ -81,8 +81,9 @@ class CompileConfig(_Strict):
     triton_kernels: bool = True
     decode_attention_kernel: bool = Field(True, description="split-KV Triton attention for decode steps")
     gemv_kernel: bool = Field(True, description="single-row matmuls of decode steps (and SwiGLU) in Triton")
-    gemv_fusion: bool = Field(False, description="decode steps fold RMSNorms and residual adds into the GEMV "
-                                                 "kernels (off until measured on a GPU)")
+    decode_fusion: bool = Field(False, description="decode steps fold RMSNorms and residual adds into the GEMV "
+                                                   "kernels and q/k norms, RoPE and the KV write into one "
+                                                   "(off until measured on a GPU)")
     cache_dir: str = "torch_compile_cache"
 
 

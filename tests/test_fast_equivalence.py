@@ -107,7 +107,7 @@ def _layer_cosines(store, reference: list[torch.Tensor], length: int, rows: int)
 
 def _check_fast_against_eager(decoder: Decoder, embed: Callable[[torch.Tensor], torch.Tensor],
                               logits_of: Callable[[torch.Tensor], torch.Tensor], vocab: int,
-                              gemv_fusion: bool = False) -> dict:
+                              decode_fusion: bool = False) -> dict:
     from workers.engine.runners import DecoderRunner
 
     store = _layer_buffers(decoder, (1, PROMPT, BUCKET))
@@ -134,7 +134,7 @@ def _check_fast_against_eager(decoder: Decoder, embed: Callable[[torch.Tensor], 
     for hook in hooks:
         hook.remove()
     fast = DecoderRunner(decoder, "fast", max_len=512, prefill_buckets=(BUCKET,), kv_bucket=512,
-                         gemv_fusion=gemv_fusion, layer_probe=lambda index, output: _store_output(store, index, output))
+                         decode_fusion=decode_fusion, layer_probe=lambda index, output: _store_output(store, index, output))
     fast.warmup([1])
     hidden = fast(embed(prompt_ids), 0, 1)
     worst = _layer_cosines(store, eager_prefill, BUCKET, PROMPT)
@@ -180,25 +180,25 @@ def test_fast_greedy_codes_equal_eager_tiny_tts_fp32_cpu():
     assert len(set(report["eager_tokens"])) > 3
 
 
-GEMV_FUSION = pytest.mark.parametrize("gemv_fusion", [False, True], ids=["gemv", "gemv_fusion"])
+DECODE_FUSION = pytest.mark.parametrize("decode_fusion", [False, True], ids=["unfused", "decode_fusion"])
 
 
 @pytest.mark.gpu
-@GEMV_FUSION
-def test_fast_matches_eager_layer_by_layer_llm_full_preset(full_models, gemv_fusion):
+@DECODE_FUSION
+def test_fast_matches_eager_layer_by_layer_llm_full_preset(full_models, decode_fusion):
     llm, _ = full_models
     with torch.no_grad():
-        report = _check_fast_against_eager(llm.model, llm.embed, llm.logits, llm.args.vocab, gemv_fusion)
+        report = _check_fast_against_eager(llm.model, llm.embed, llm.logits, llm.args.vocab, decode_fusion)
     _assert_equivalent(report, BF16_MIN_TOKEN_AGREEMENT)
 
 
 @pytest.mark.gpu
-@GEMV_FUSION
-def test_fast_matches_eager_layer_by_layer_tts_full_preset(full_models, gemv_fusion):
+@DECODE_FUSION
+def test_fast_matches_eager_layer_by_layer_tts_full_preset(full_models, decode_fusion):
     _, tts = full_models
     with torch.no_grad():
         report = _check_fast_against_eager(tts.model, _tts_code_embedder(tts), tts.code_logits,
-                                           tts.args.num_audio_tokens, gemv_fusion)
+                                           tts.args.num_audio_tokens, decode_fusion)
     _assert_equivalent(report, BF16_MIN_TOKEN_AGREEMENT)
 
 

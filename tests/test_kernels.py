@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -89,6 +90,10 @@ GEMV_INTERPRETER_CASES = [
     for shape in ((13, 100), (64, 768))
     for dtype in TOLERANCE
 ]
+# qk_norm_rope_cache: shape (heads, kv_heads, head_dim); layout "qk_norm" (Qwen3) or "no_norm" (the TTS).
+ROPE_CACHE_SHAPES = [((4, 2, 16), "qk_norm"), ((32, 8, 128), "qk_norm"), ((12, 12, 64), "no_norm")]
+ROPE_CACHE_CASES = [KernelCase("qk_norm_rope_cache", shape, dtype, layout)
+                    for shape, layout in ROPE_CACHE_SHAPES for dtype in TOLERANCE]
 # The model's decode-step products (LLM qkv, o, gate/up, down, LM head; TTS qkv, o, gate/up, down).
 GEMV_MODEL_SHAPES = [(6144, 4096), (4096, 4096), (24576, 4096), (151748, 4096), (2304, 768), (768, 768),
                      (6144, 768)]
@@ -112,6 +117,7 @@ INTERPRETER_CASES = [case for dtype in TOLERANCE for case in _cases_for_dtype(dt
     KernelCase("silu_mul", (3, 4, 100), "bfloat16", "row_strided"),
     *DECODE_INTERPRETER_CASES,
     *GEMV_INTERPRETER_CASES,
+    *ROPE_CACHE_CASES,
 ]
 LARGE_ROW_KERNELS = (("rms_norm", 4096), ("add_rms_norm", 4096), ("add_rms_norm", 768), ("silu_mul", 12288))
 CUDA_CASES = (
@@ -161,6 +167,8 @@ def check_case(case: KernelCase, device: str) -> str | None:
         return _compare(case, got, want, taken)
     if "gemv" in case.kernel:
         return _check_gemv(case, device)
+    if case.kernel == "qk_norm_rope_cache":
+        return _check_rope_cache(case, device)
     dtype = getattr(torch, case.dtype)
     x = _make_tensor(case.shape, dtype, case.layout, device)
     hidden = case.shape[-1]
@@ -198,6 +206,23 @@ def _check_gemv(case: KernelCase, device: str) -> str | None:
         got = kernels.gemv(x, weight, norm, EPS, residual)
         want = kernels.gemv_reference(x, weight, norm, EPS, residual)
     return _compare(case, got, want, kernels.use_gemv(x))
+
+
+def _check_rope_cache(case: KernelCase, device: str) -> str | None:
+    """Queries and both whole caches (slot 1 of 2, position 13 of 20 written; the rest must stay) against
+    the reference applied to copies."""
+    dtype = getattr(torch, case.dtype)
+    heads, kv_heads, head_dim = case.shape
+    qkv = 2.0 * torch.randn(1, 1, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device)
+    norms = [(1.0 + 0.3 * torch.randn(head_dim, device=device)).to(dtype) for _ in range(2)]
+    norms = norms if case.layout == "qk_norm" else [None, None]
+    cos, sin = (torch.randn(1, head_dim // 2, dtype=dtype, device=device) for _ in range(2))
+    caches = [torch.randn(2, kv_heads, 20, head_dim, dtype=dtype, device=device) for _ in range(2)]
+    expected_caches = [cache.clone() for cache in caches]
+    position = torch.tensor([13], device=device)
+    got = kernels.qk_norm_rope_cache(qkv, *norms, EPS, cos, sin, *caches, 1, position, heads)
+    want = kernels.qk_norm_rope_cache_reference(qkv, *norms, EPS, cos, sin, *expected_caches, 1, position, heads)
+    return _compare(case, (got, *caches), (want, *expected_caches), kernels.use_decode_fusion(qkv))
 
 
 def _compare(case: KernelCase, got: object, want: object, triton_taken: bool) -> str | None:
@@ -267,8 +292,10 @@ def interpreter_report() -> dict[str, object]:
     attention_compiled_equals_eager = torch.equal(
         compiled_attention(*attention_inputs), kernels.decode_attention(*attention_inputs)
     )
+    fused_layer = _fused_decode_layer_report()
+    kernels.DECODE_FUSION.set(True)  # the qk_norm_rope_cache cases check that the fused path is on
     return {
-        **_fused_decode_layer_report(),
+        **fused_layer,
         "cases": {case.id: check_case(case, "cpu") for case in INTERPRETER_CASES},
         "traced_ops": traced,
         "traced_decode_attention": traced_attention,
@@ -278,45 +305,74 @@ def interpreter_report() -> dict[str, object]:
     }
 
 
+CACHE_POSITIONS = 37  # the fused-layer check's cache length: no other tensor there has its sizes
+
+
 def _fused_decode_layer_report() -> dict[str, object]:
-    """One decode step of a small fp32 decoder layer (fused projections, q/k norms, a written cache) with
-    the GEMV fusion on and off, all kernels interpreted: the omni ops each traces, and the largest
-    difference of the outputs and of the cache rows they wrote."""
+    """One decode step of a small fp32 decoder layer (fused projections, q/k norms, a filled cache) with
+    the decode fusion on and off, all kernels interpreted, each from the same cache: the omni ops each
+    traces, the largest differences of the outputs and of the whole caches, and the fused step compiled
+    by Inductor (its result, and whether its code loops over a whole cache slot: a copy of the cache)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from workers.engine.runners import _call_layer
     from workers.model.layers import DecoderLayer, KVCache
 
     torch.manual_seed(3)
     layer = DecoderLayer(hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=96, eps=EPS, qk_norm=True)
-    layer.self_attn.kv_cache = KVCache(2, 2, 32, 16, "cpu", torch.float32)
+    cache = layer.self_attn.kv_cache = KVCache(2, 2, CACHE_POSITIONS, 16, "cpu", torch.float32)
     for parameter in layer.parameters():
         parameter.data.normal_(0.0, 0.3)
-    layer.self_attn.kv_cache.k_cache.normal_()
-    layer.self_attn.kv_cache.v_cache.normal_()
+    initial = [torch.randn_like(cache.k_cache), torch.randn_like(cache.v_cache)]
     layer.self_attn.fuse_projections()
     layer.mlp.fuse_projections()
     x, position = 2.0 * torch.randn(1, 1, 64), torch.tensor([9])
     cos, sin = torch.randn(1, 8), torch.randn(1, 8)
     for switch in (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV):
         switch.set(True)
-    outputs, caches, traced = {}, {}, {}
-    for fused in (True, False):
-        kernels.GEMV_FUSION.set(fused)
-        key = "fused" if fused else "unfused"
-        outputs[key] = layer(x, cos, sin, position, 1, 16)
-        caches[key] = layer.self_attn.kv_cache.k_cache[1, :, 9].clone()
-        traced[key] = _omni_op_counts(lambda x: layer(x, cos, sin, position, 1, 16), x)
-    kernels.GEMV_FUSION.set(False)
+
+    def step(fused: bool, call=layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kernels.DECODE_FUSION.set(fused)
+        cache.k_cache.copy_(initial[0])
+        cache.v_cache.copy_(initial[1])
+        return call(x, cos, sin, position, 1, 16), cache.k_cache.clone(), cache.v_cache.clone()
+
+    with torch.no_grad():
+        results = {fused: step(fused) for fused in (True, False)}
+        traced = {}
+        for fused in (True, False):
+            kernels.DECODE_FUSION.set(fused)
+            traced["fused" if fused else "unfused"] = _omni_op_counts(
+                lambda x: layer(x, cos, sin, position, 1, 16), x)
+        compiled = torch.compile(_call_layer, fullgraph=True, dynamic=True)
+        kernels.DECODE_FUSION.set(True)
+        cache.k_cache.copy_(initial[0])
+        cache.v_cache.copy_(initial[1])
+        output, sources = run_and_get_code(compiled, layer, x, cos, sin, position, 1, 16)
+        compiled_result = (output, cache.k_cache.clone(), cache.v_cache.clone())
+    kernels.DECODE_FUSION.set(False)
+    # A loop over the cache's positions, flat or not (a decode step loops over kv_len = 16 of them at most).
+    bounds = "|".join(str(CACHE_POSITIONS * inner) for inner in (1, 16, 2 * 16, 2 * 2 * 16))
+    loops = re.findall(rf"<static_cast<int64_t>\(({bounds})L\)", "\n".join(sources))
+
+    def max_diff(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> list[float]:
+        return [(p - q).abs().max().item() for p, q in zip(a, b)]
+
     return {
         "fused_layer_ops": traced,
-        "fused_layer_max_diff": (outputs["fused"] - outputs["unfused"]).abs().max().item(),
-        "fused_layer_output_scale": outputs["unfused"].abs().max().item(),
-        "fused_layer_cache_max_diff": (caches["fused"] - caches["unfused"]).abs().max().item(),
+        "fused_layer_output_scale": results[False][0].abs().max().item(),
+        "fused_layer_max_diffs": max_diff(results[True], results[False]),
+        "fused_layer_wrote_the_cache": max_diff(results[False][1:], initial),
+        "fused_layer_compiled_max_diffs": max_diff(compiled_result, results[True]),
+        "fused_layer_compiled_cache_loops": loops,
+        "fused_layer_compiled_code_chars": sum(len(source) for source in sources),
     }
 
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, object]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    for switch in (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV, kernels.GEMV_FUSION):
+    for switch in (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV, kernels.DECODE_FUSION):
         env.pop(switch.env, None)
     proc = subprocess.run(
         [sys.executable, "-m", "tests.test_kernels"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
@@ -329,7 +385,7 @@ def interpreter_results() -> dict[str, object]:
 @pytest.fixture
 def switch_on():
     """All kernel switches on for the test, the previous state restored after."""
-    switches = (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV, kernels.GEMV_FUSION)
+    switches = (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV, kernels.DECODE_FUSION)
     previous = [switch.is_on() for switch in switches]
     for switch in switches:
         switch.set(True)
@@ -375,13 +431,25 @@ def test_gemv_needs_both_switches(interpreter_results):
 def test_fused_decode_layer_folds_norms_and_adds_into_the_products(interpreter_results):
     ops = interpreter_results["fused_layer_ops"]
     products = {"omni.gemv.default": 3, "omni.swiglu_gemv.default": 1, "omni.decode_attention.default": 1}
-    # Unfused: the input norm, q/k norms and the add + norm around the products; fused: the q/k norms only.
+    # Unfused: the input norm, q/k norms and the add + norm around the products (and inline rotations and
+    # cache writes); fused: one prologue kernel for q/k norms, rotations and the K/V write.
     assert ops["unfused"] == {**products, "omni.rms_norm.default": 3, "omni.add_rms_norm.default": 1}
-    assert ops["fused"] == {**products, "omni.rms_norm.default": 2}
+    assert ops["fused"] == {**products, "omni.qk_norm_rope_cache.default": 1}
     scale = interpreter_results["fused_layer_output_scale"]
-    assert scale > 1.0
-    assert interpreter_results["fused_layer_max_diff"] <= 1e-5 * scale
-    assert interpreter_results["fused_layer_cache_max_diff"] <= 1e-5
+    output_diff, keys_diff, values_diff = interpreter_results["fused_layer_max_diffs"]
+    assert scale > 1.0 and output_diff <= 1e-5 * scale
+    assert keys_diff <= 1e-5 and values_diff == 0.0
+    assert min(interpreter_results["fused_layer_wrote_the_cache"]) > 0.1  # the step did write K and V
+
+
+@pytest.mark.slow
+def test_compiled_fused_decode_layer_writes_the_cache_in_place(interpreter_results):
+    """Inductor keeps the fused prologue's in-place cache write: no copy of a whole cache slot appears in
+    its code (a functionalised mutation that is not re-inplaced would clone the cache every step)."""
+    assert interpreter_results["fused_layer_compiled_code_chars"] > 1000
+    assert interpreter_results["fused_layer_compiled_cache_loops"] == []
+    output_diff, keys_diff, values_diff = interpreter_results["fused_layer_compiled_max_diffs"]
+    assert output_diff <= 1e-4 and keys_diff <= 1e-5 and values_diff == 0.0
 
 
 @pytest.mark.slow
@@ -395,8 +463,8 @@ def test_decode_step_kernels_are_on_in_the_config_and_off_outside_the_runners():
 
     config = CompileConfig()
     assert config.triton_kernels and config.decode_attention_kernel and config.gemv_kernel
-    assert not config.gemv_fusion  # until measured on a GPU
-    for switch in (kernels.DECODE_ATTENTION, kernels.GEMV, kernels.GEMV_FUSION):
+    assert not config.decode_fusion  # until measured on a GPU
+    for switch in (kernels.DECODE_ATTENTION, kernels.GEMV, kernels.DECODE_FUSION):
         if switch.env not in os.environ:
             assert not switch.is_on()
 
@@ -568,6 +636,10 @@ def test_bench_cases_cover_models_and_rows_and_feed_their_ops():
         for rows in ROWS
     } | {("decode_attention", model, kv_len) for model in ("llm", "tts") for kv_len in DECODE_KV_LENS} | {
         (kernel, model, rows) for kernel, model, rows, _ in gemv_shapes()
+    } | {  # the decode fusion's kernels: q/k/v with its norm, o and down with their residual, the prologue
+        ("gemv_norm", "llm", 6144), ("gemv_residual", "llm", 4096), ("swiglu_gemv_residual", "llm", 4096),
+        ("qk_norm_rope_cache", "llm", 48), ("gemv_norm", "tts", 2304), ("gemv_residual", "tts", 768),
+        ("swiglu_gemv_residual", "tts", 768), ("qk_norm_rope_cache", "tts", 36),
     }
     assert {(c.rows, c.cols) for c in cases if "gemv" in c.kernel} == {
         (rows, cols) for rows, cols in GEMV_MODEL_SHAPES + SWIGLU_GEMV_MODEL_SHAPES + [(6562, 768)]

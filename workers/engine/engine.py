@@ -104,7 +104,7 @@ class DuplexEngine:
         runner_options = {"triton_kernels": cfg.compile.triton_kernels and self.acceleration == "fast",
                           "decode_attention_kernel": cfg.compile.decode_attention_kernel,
                           "gemv_kernel": cfg.compile.gemv_kernel,
-                          "gemv_fusion": cfg.compile.gemv_fusion,
+                          "decode_fusion": cfg.compile.decode_fusion,
                           "cuda_graphs": self.cuda_graphs}
         self.llm_runner = DecoderRunner(self.model.llm.model, self.acceleration, self.max_kv_tokens,
                                         **runner_options)

@@ -97,7 +97,7 @@ class DecoderRunner:
         decode_attention_kernel: the switch of the split-KV decode-attention kernel, set around each
             call like `triton_kernels` (which it needs as well); default: the config's default.
         gemv_kernel: the switch of the single-row matrix-vector kernel (decode steps), set likewise.
-        gemv_fusion: the switch that folds a decode step's norms and residual adds into its GEMV kernels.
+        decode_fusion: the switch that folds a decode step's norms and residual adds into its GEMV kernels.
         layer_probe: `fast` mode only: called as probe(layer_index, output [1, T, H]) after every layer,
             outside the compiled code and inside the captured graphs, so it must only do capturable work
             (e.g. copy into fixed buffers). For layer-by-layer checks; set before `warmup()`.
@@ -107,7 +107,7 @@ class DecoderRunner:
                  prefill_buckets: Sequence[int] = PREFILL_BUCKETS, kv_bucket: int = KV_BUCKET,
                  cuda_graphs: bool | None = None, triton_kernels: bool | None = None,
                  decode_attention_kernel: bool | None = None, gemv_kernel: bool | None = None,
-                 gemv_fusion: bool | None = None, layer_probe: Callable[[int, Tensor], None] | None = None) -> None:
+                 decode_fusion: bool | None = None, layer_probe: Callable[[int, Tensor], None] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
         cache_len = decoder.cache_max_len
@@ -129,7 +129,7 @@ class DecoderRunner:
             kernels.DECODE_ATTENTION: (defaults.decode_attention_kernel if decode_attention_kernel is None
                                        else decode_attention_kernel),
             kernels.GEMV: defaults.gemv_kernel if gemv_kernel is None else gemv_kernel,
-            kernels.GEMV_FUSION: defaults.gemv_fusion if gemv_fusion is None else gemv_fusion,
+            kernels.DECODE_FUSION: defaults.decode_fusion if decode_fusion is None else decode_fusion,
         }
         if cuda_graphs is None:
             cuda_graphs = mode == "fast" and self.device.type == "cuda"

@@ -12,8 +12,8 @@ import torch
 
 from workers.kernels._dispatch import (
     DECODE_ATTENTION,
+    DECODE_FUSION,
     GEMV,
-    GEMV_FUSION,
     TRITON_KERNELS,
     KernelSwitch,
     set_interpret,
@@ -23,12 +23,13 @@ from workers.kernels.add_rmsnorm import add_rms_norm_op, add_rms_norm_reference
 from workers.kernels.flash_decoding import decode_attention_op, decode_attention_reference, visible_keys
 from workers.kernels.gemv import gemv_op, gemv_reference, swiglu_gemv_op, swiglu_gemv_reference
 from workers.kernels.rmsnorm import rms_norm_op, rms_norm_reference
+from workers.kernels.rope_cache import qk_norm_rope_cache_op, qk_norm_rope_cache_reference
 from workers.kernels.swiglu import silu_mul_op, silu_mul_reference
 
 __all__ = [
     "DECODE_ATTENTION",
+    "DECODE_FUSION",
     "GEMV",
-    "GEMV_FUSION",
     "TRITON_KERNELS",
     "KernelSwitch",
     "add_rms_norm",
@@ -37,6 +38,8 @@ __all__ = [
     "decode_attention_reference",
     "gemv",
     "gemv_reference",
+    "qk_norm_rope_cache",
+    "qk_norm_rope_cache_reference",
     "rms_norm",
     "rms_norm_reference",
     "set_interpret",
@@ -44,8 +47,8 @@ __all__ = [
     "silu_mul_reference",
     "swiglu_gemv",
     "swiglu_gemv_reference",
+    "use_decode_fusion",
     "use_gemv",
-    "use_gemv_fusion",
     "use_triton",
     "visible_keys",
 ]
@@ -121,9 +124,9 @@ def use_gemv(x: torch.Tensor) -> bool:
     return x.numel() == x.shape[-1] and use_triton(x) and GEMV.is_on()
 
 
-def use_gemv_fusion(x: torch.Tensor) -> bool:
+def use_decode_fusion(x: torch.Tensor) -> bool:
     """Whether a decode step with x [..., K] folds its RMSNorms and residual adds into the GEMV kernels."""
-    return use_gemv(x) and GEMV_FUSION.is_on()
+    return use_gemv(x) and DECODE_FUSION.is_on()
 
 
 def _check_residual(residual: torch.Tensor | None, x: torch.Tensor, rows: int) -> None:
@@ -152,3 +155,25 @@ def swiglu_gemv(gate_up: torch.Tensor, weight: torch.Tensor, residual: torch.Ten
                          f"{tuple(gate_up.shape)} {gate_up.dtype}")
     _check_residual(residual, gate_up, weight.shape[0])
     return swiglu_gemv_op(gate_up, weight, residual)
+
+
+def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None,
+                       eps: float, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, slot: int, input_pos: torch.Tensor, heads: int) -> torch.Tensor:
+    """A decode step's q/k norms (both weights or neither), rotations and K/V write in one kernel:
+    qkv [..., (heads + 2 * kv_heads) * D] holding one row -> rotated queries [heads, D]; K/V of position
+    input_pos ([1]) land in `slot` of k/v_cache [slots, kv_heads, max_len, D]. Call where
+    `use_decode_fusion(qkv)` holds."""
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+    if qkv.numel() != (heads + 2 * kv_heads) * head_dim or head_dim & (head_dim - 1):
+        raise ValueError(f"qkv {tuple(qkv.shape)} is not one row of {heads} + 2 x {kv_heads} heads of a "
+                         f"power-of-2 size {head_dim}")
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("pass both q/k norm weights or neither")
+    if v_cache.shape != k_cache.shape or k_cache.dtype != qkv.dtype or not k_cache.is_contiguous():
+        raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} {k_cache.dtype} must match "
+                         f"and be contiguous in {qkv.dtype}")
+    if input_pos.numel() != 1 or cos.numel() != head_dim // 2 or sin.numel() != head_dim // 2:
+        raise ValueError("one position and its cos/sin row of head_dim // 2 values are needed")
+    return qk_norm_rope_cache_op(qkv, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache, slot,
+                                 input_pos, heads)

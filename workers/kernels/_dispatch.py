@@ -10,8 +10,9 @@ by an environment variable read at import):
   the split-KV decode-attention kernel, which also needs `TRITON_KERNELS`;
 - `GEMV` (config `compile.gemv_kernel`, env `OMNI_TRITON_GEMV`): the single-row matrix-vector kernel
   of decode steps, which also needs `TRITON_KERNELS`;
-- `GEMV_FUSION` (config `compile.gemv_fusion`, env `OMNI_TRITON_GEMV_FUSION`): decode steps fold their
-  RMSNorms and residual adds into the GEMV kernels' prologue / epilogue (needs `GEMV`);
+- `DECODE_FUSION` (config `compile.decode_fusion`, env `OMNI_TRITON_DECODE_FUSION`): decode steps fold their
+  RMSNorms and residual adds into the GEMV kernels' prologue / epilogue and run the q/k norms, rotations
+  and K/V write as one kernel (needs `GEMV`);
 and the tensor's device: CUDA, or CPU when the kernels were defined under the Triton interpreter
 (`TRITON_INTERPRET=1` before the first import of this package) and `set_interpret(True)` was called.
 """
@@ -59,7 +60,7 @@ TRITON_KERNELS = KernelSwitch("OMNI_TRITON_KERNELS", True)
 # products and attention of the eager and compile-default modes keep the reference's torch math.
 DECODE_ATTENTION = KernelSwitch("OMNI_TRITON_DECODE_ATTENTION", False)
 GEMV = KernelSwitch("OMNI_TRITON_GEMV", False)
-GEMV_FUSION = KernelSwitch("OMNI_TRITON_GEMV_FUSION", False)
+DECODE_FUSION = KernelSwitch("OMNI_TRITON_DECODE_FUSION", False)
 _interpret = False
 
 

@@ -14,9 +14,10 @@
   switch of its own (`compile.decode_attention_kernel`).
 * Bias-free products go through `linear`, which hands a single row (a decode step) to the Triton GEMV
   kernel where it runs and its switch is on (`compile.gemv_kernel`); the fused MLP then also folds
-  SwiGLU into the down projection. With `compile.gemv_fusion` a decode step also folds both RMSNorms
+  SwiGLU into the down projection. With `compile.decode_fusion` a decode step also folds both RMSNorms
   into the GEMV that follows each and both residual adds into the GEMV before each (`linear`'s `norm`
-  and `residual`), so a layer's norms and adds launch no kernels of their own.
+  and `residual`), and runs the q/k norms, rotations and K/V write as one kernel, so a layer is six
+  kernels: four products, that prologue and attention.
 * `Decoder.fuse_projections()` (optional, after loading) packs q/k/v and gate/up into one matrix each
   while the checkpoint-named parameters stay as views into it, so `state_dict()` keeps its names.
 """
@@ -162,6 +163,28 @@ class Attention(nn.Module):
         """[residual +] attention(norm(x) if norm is given, else x); in a decode step through the GEMV
         kernel, the norm rides in the q/k/v product and the residual add in the output projection."""
         batch, seq, _ = x.shape
+        q_size = self.heads * self.head_dim
+        if self.wqkv is not None and kernels.use_decode_fusion(x):
+            q = self._fused_decode_queries(linear(x, self.wqkv, norm=norm), cos, sin, input_pos, slot)
+        else:
+            q = self._queries(x, norm, cos, sin, input_pos, slot)
+        keys = self.kv_cache.k_cache[slot, :, :kv_len].unsqueeze(0)  # [1, kv_heads, kv_len, D]
+        values = self.kv_cache.v_cache[slot, :, :kv_len].unsqueeze(0)
+        # GQA without repeating K/V: the query heads sharing one KV head become extra query rows.
+        groups = self.heads // self.kv_heads
+        q = q.reshape(batch, self.kv_heads, groups * seq, self.head_dim)
+        if seq == 1:
+            out = kernels.decode_attention(q, keys, values, input_pos)
+        else:
+            visible = kernels.visible_keys(input_pos, kv_len)  # [T, kv_len]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.repeat(groups, 1))
+        out = out.view(batch, self.heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, q_size)
+        return linear(out, self.o_proj.weight, residual=residual)
+
+    def _queries(self, x: Tensor, norm: RMSNorm | None, cos: Tensor, sin: Tensor, input_pos: Tensor,
+                 slot: int) -> Tensor:
+        """Project x [1, T, H], norm and rotate q and k, write K/V at input_pos: the queries [1, heads, T, D]."""
+        batch, seq, _ = x.shape
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         if self.wqkv is not None:
             q, k, v = linear(x, self.wqkv, norm=norm).split([q_size, kv_size, kv_size], dim=-1)
@@ -176,18 +199,16 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [1, heads, T, D]
         k = apply_rope(k.transpose(1, 2), cos, sin)
         self.kv_cache.update(slot, input_pos, k[0], v.transpose(1, 2)[0])
-        keys = self.kv_cache.k_cache[slot, :, :kv_len].unsqueeze(0)  # [1, kv_heads, kv_len, D]
-        values = self.kv_cache.v_cache[slot, :, :kv_len].unsqueeze(0)
-        # GQA without repeating K/V: the query heads sharing one KV head become extra query rows.
-        groups = self.heads // self.kv_heads
-        q = q.reshape(batch, self.kv_heads, groups * seq, self.head_dim)
-        if seq == 1:
-            out = kernels.decode_attention(q, keys, values, input_pos)
-        else:
-            visible = kernels.visible_keys(input_pos, kv_len)  # [T, kv_len]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.repeat(groups, 1))
-        out = out.view(batch, self.heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, q_size)
-        return linear(out, self.o_proj.weight, residual=residual)
+        return q
+
+    def _fused_decode_queries(self, qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
+                              slot: int) -> Tensor:
+        """`_queries` of a decode step from its q/k/v row, as one kernel (norms, rotations, K/V write)."""
+        norms = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
+        eps = 0.0 if self.q_norm is None else self.q_norm.eps
+        q = kernels.qk_norm_rope_cache(qkv, *norms, eps, cos, sin, self.kv_cache.k_cache, self.kv_cache.v_cache,
+                                       slot, input_pos, self.heads)
+        return q.view(1, self.heads, 1, self.head_dim)
 
 
 class MLP(nn.Module):
@@ -247,7 +268,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, slot: int,
                 kv_len: int) -> Tensor:
-        if kernels.use_gemv_fusion(x):
+        if kernels.use_decode_fusion(x):
             # A decode step: each norm rides in the product after it, each residual add in the one before.
             x = self.self_attn(x, cos, sin, input_pos, slot, kv_len, norm=self.input_layernorm, residual=x)
             return self.mlp(x, norm=self.post_attention_layernorm, residual=x)
