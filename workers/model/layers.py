@@ -16,8 +16,8 @@
   kernel where it runs and its switch is on (`compile.gemv_kernel`); the fused MLP then also folds
   SwiGLU into the down projection. With `compile.decode_fusion` a decode step also folds both RMSNorms
   into the GEMV that follows each and both residual adds into the GEMV before each (`linear`'s `norm`
-  and `residual`), and runs the q/k norms, rotations and K/V write as one kernel, so a layer is six
-  kernels: four products, that prologue and attention.
+  and `residual`), and runs the q/k norms, rotations and K/V write as one kernel, so a layer is seven
+  kernels: four products, that prologue and the two of split-KV attention.
 * `Decoder.fuse_projections()` (optional, after loading) packs q/k/v and gate/up into one matrix each
   while the checkpoint-named parameters stay as views into it, so `state_dict()` keeps its names.
 """
