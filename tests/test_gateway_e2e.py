@@ -433,6 +433,32 @@ async def test_realtime_bad_init_is_fatal(idle, init, code):
     assert frames[1] == {"type": "session.closed", "reason": "error"}
 
 
+async def test_realtime_messages_after_close_get_no_answer(idle):  # row 25
+    ws = await _open_v2(idle, init={"config": LISTEN_ONLY})
+    assert (await recv_json(ws))["type"] == "session.created"
+    await send_json(ws, {"type": "session.close"})
+    await send_json(ws, {"type": "input.append", "input": {"audio": b64_pcm(np.zeros(16000))}})
+    await send_json(ws, {"type": "session.init", "payload": {}})
+    frames = await expect_close(ws, 1000)
+    assert [frame["type"] for frame in frames] == ["session.closed"] and frames[0]["reason"] == "user_stop"
+
+
+async def test_legacy_interrupt_while_paused_leaves_the_pause(idle):  # row 24
+    ws = await open_legacy(idle, "e2e_paused_interrupt", config=LISTEN_ONLY)
+    await send_json(ws, {"type": "pause"})
+    assert (await recv_json(ws))["type"] == "paused"
+    await send_json(ws, {"type": "interrupt"})
+    assert await recv_json(ws) == {"type": "interrupted"}
+    await send_json(ws, {"type": "audio_chunk", "audio_base64": b64_pcm(np.zeros(16000))})
+    assert (await recv_json(ws))["code"] == "paused"  # still paused: the chunk is discarded
+    await send_json(ws, {"type": "resume"})
+    assert await recv_json(ws) == {"type": "resumed"}
+    await send_json(ws, {"type": "audio_chunk", "audio_base64": b64_pcm(np.zeros(16000))})
+    result = await recv_json(ws)
+    assert result["type"] == "result" and result["current_time"] == 1 and result["is_listen"] is True
+    await stop_legacy(ws)
+
+
 async def test_realtime_invalid_mode_and_video_bad_frame(idle, clip):
     ws = await websockets.connect(f"{idle.ws}/v1/realtime?mode=sideways")
     frames = await expect_close(ws, 1008)

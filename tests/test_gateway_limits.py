@@ -154,6 +154,10 @@ async def test_message_over_the_limit_closes_1009(idle):
     await ws.send(json.dumps({"type": "audio_chunk", "audio_base64": "A" * MESSAGE_LIMIT}))
     await expect_close(ws, 1009)
     wait_idle(idle)
+    v2 = await _open_v2(idle)  # row 14 on realtime v2: the same close, the worker cleaned up
+    await v2.send(json.dumps({"type": "input.append", "input": {"audio": "A" * MESSAGE_LIMIT}}))
+    await expect_close(v2, 1009)
+    wait_idle(idle)
     ws = await open_legacy(idle, "limit_size_after", config=LISTEN_ONLY)
     await stop_legacy(ws)
 
@@ -167,6 +171,9 @@ async def test_queue_full(idle):
     frames = await expect_close(third, 1013)
     assert frames == [{"type": "error", "error": "Queue full (1 requests)", "code": "queue_full",
                        "message": "Queue full (1 requests)", "fatal": True}]
+    realtime = await websockets.connect(f"{idle.ws}/v1/realtime?mode=audio")  # row 28 on realtime v2
+    frames = await expect_close(realtime, 1013)
+    assert frames[0] == {"type": "error", "error": {"code": "queue_full", "message": "Queue full (1 requests)"}}
     await send_json(second, {"type": "stop"})
     assert (await expect_close(second, 1000))[-1]["type"] == "stopped"
     await stop_legacy(first)
