@@ -126,6 +126,11 @@ class ServiceSection(_Strict):
     health_poll_s: float = Field(1.0, gt=0)
     worker_dead_after_s: float = Field(5.0, gt=0)
     sessions_per_worker: int = Field(1, ge=1)
+    session_types: list[Literal["audio_duplex", "omni_duplex"]] = Field(
+        default_factory=lambda: ["audio_duplex", "omni_duplex"],
+        description="session types the gateway serves; a connection for another one is closed 1008 "
+                    "(PROTOCOL.md §1.10)",
+    )
     allow_reprepare: bool = False
     listen_audio: Literal["silence", "empty"] = "silence"
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,12 +73,16 @@ async def admit(
     *,
     hold_messages: int,
     hold_bytes: int,
+    enabled_types: Collection[SessionKind],
 ) -> Admission:
     """Wait for a worker slot; on success `queue_done` has been sent.
 
-    Raises Refused (queue full, no worker, hold overflow), CancelledByClient or ClientLeft; in every
-    failing case the ticket is gone from the queue and any slot it got is released.
+    Raises Refused (a session type the operator disabled, queue full, no worker, hold overflow),
+    CancelledByClient or ClientLeft; in every failing case the ticket is gone from the queue and any slot
+    it got is released.
     """
+    if kind not in enabled_types:
+        raise Refused("type_disabled", f"{kind} sessions are disabled on this server", close_code=1008)
     try:
         ticket = pool.request(session_id, kind)
     except QueueFull as exc:

@@ -72,6 +72,7 @@ async def serve_legacy(websocket: WebSocket, raw_session_id: str, state: Gateway
         admission = await admit(
             state.pool, channel, session_id, session_kind(session_id), VOCABULARY, state.metrics,
             hold_messages=limits.queue_hold_messages, hold_bytes=limits.queue_hold_bytes,
+            enabled_types=state.config.service.session_types,
         )
     except Refused as exc:
         state.metrics.error(exc.code)

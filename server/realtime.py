@@ -96,6 +96,7 @@ async def serve_realtime(websocket: WebSocket, state: GatewayState) -> None:
         admission = await admit(
             state.pool, channel, session_id, MODES[mode], VOCABULARY, metrics,
             hold_messages=limits.queue_hold_messages, hold_bytes=limits.queue_hold_bytes,
+            enabled_types=state.config.service.session_types,
         )
     except Refused as exc:
         metrics.error(exc.code)
