@@ -242,7 +242,7 @@ async def test_metrics_count_sessions_units_and_errors(idle):
     assert value("omni_gateway_queue_wait_seconds", "omni_gateway_queue_wait_seconds_count") >= 6
     assert value("omni_gateway_units", "omni_gateway_units_total") >= 2
     assert value("omni_gateway_unit_wall_clock_seconds", "omni_gateway_unit_wall_clock_seconds_count") >= 2
-    assert value("omni_gateway_errors", "omni_gateway_errors_total", code="queue_full") == 1
+    assert value("omni_gateway_errors", "omni_gateway_errors_total", code="queue_full") == 2  # legacy + v2
     assert value("omni_gateway_worker_state", "omni_gateway_worker_state", state="idle") == 1
 
 
