@@ -20,7 +20,8 @@ The decode fusion's kernels (`compile.decode_fusion`) run at the model shapes to
 its RMSNorm prologue, the o and down GEMVs with their residual epilogue, and the attention prologue
 `qk_norm_rope_cache` (`rows` = heads + 2 x kv_heads, `cols` = head_dim).
 `--sweep-gemv` times, instead of the table, every (BLOCK_N, BLOCK_K, num_warps) of a grid at each GEMV
-shape and reports the fastest (what `workers/kernels/gemv.py` GEMV_CONFIGS should hold); with `--out` the
+shape, and with the norm prologue (`gemv_norm`) at the q/k/v and gate/up shapes, and reports the fastest
+(what `workers/kernels/gemv.py` GEMV_CONFIGS and NORM_CONFIG should hold); with `--out` the
 report is rewritten after every shape, so a run cut short keeps the shapes it finished.
 Needs CUDA; elsewhere it prints {"skipped": ...} and exits 0.
 """
@@ -190,12 +191,17 @@ def sweep_gemv(device: torch.device, report: Callable[[list[dict[str, object]]],
     from triton.testing import do_bench_cudagraph
 
     results: list[dict[str, object]] = []
-    for kernel, model, rows, cols in gemv_shapes():
+    # The norm prologue's own rows: the products a fused decode step feeds a normed row (q/k/v, gate/up).
+    norm_shapes = [("gemv_norm", model, rows, cols) for kernel, model, rows, cols in gemv_shapes()
+                   if kernel == "gemv" and rows > cols and rows not in (LLMArgs().vocab, TTSArgs().num_audio_tokens)]
+    for kernel, model, rows, cols in gemv_shapes() + norm_shapes:
         weight = torch.randn(rows, cols, device=device, dtype=DTYPE)
         x = torch.randn((2 if kernel == "swiglu_gemv" else 1) * cols, device=device, dtype=DTYPE)
         swiglu, weights, timings = kernel == "swiglu_gemv", _weight_copies(weight), {}
+        norm = torch.randn(cols, device=device, dtype=DTYPE) if kernel == "gemv_norm" else None
         for config in GEMV_SWEEP:
-            call = _cycling(lambda x, w, swiglu=swiglu, config=config: launch_gemv(x, w, swiglu, config), x, weights)
+            call = _cycling(lambda x, w, swiglu=swiglu, config=config, norm=norm:
+                            launch_gemv(x, w, swiglu, config, norm_weight=norm, eps=EPS), x, weights)
             call()
             timings[config] = 1000.0 * do_bench_cudagraph(call, rep=SWEEP_REP_MS, return_mode="median")
         best = min(timings, key=timings.get)

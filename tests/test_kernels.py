@@ -22,7 +22,9 @@ import workers.kernels as kernels
 from workers.kernels._dispatch import row_block_and_warps, use_triton
 from workers.kernels.add_rmsnorm import add_rms_norm_op
 from workers.kernels.flash_decoding import decode_attention_op, split_len
+from workers.kernels.gemv import gemv_op, swiglu_gemv_op
 from workers.kernels.rmsnorm import rms_norm_op
+from workers.kernels.rope_cache import qk_norm_rope_cache_op
 from workers.kernels.swiglu import silu_mul_op
 from workers.model.layers import linear
 
@@ -574,15 +576,22 @@ def _custom_op_args() -> list[tuple[object, tuple]]:
     weight = torch.randn(64)
     attention = _decode_attention_inputs(KernelCase("decode_attention", (2, 4, 100, 32), "float32",
                                                     position=70), "cpu")
+    row, matrix, caches = torch.randn(1, 1, 64), torch.randn(32, 64), torch.randn(2, 2, 2, 20, 16)
+    qkv = torch.randn(1, 1, (4 + 2 * 2) * 16)
     return [
         (rms_norm_op, (x, weight, EPS)),
         (add_rms_norm_op, (x, torch.randn_like(x), weight, EPS)),
         (silu_mul_op, (gate_up[..., :64], gate_up[..., 64:])),
         (decode_attention_op, attention),
+        (gemv_op, (row, matrix, weight, EPS, torch.randn(1, 1, 32))),
+        (swiglu_gemv_op, (torch.randn(1, 1, 128), matrix, torch.randn(1, 1, 32))),
+        (qk_norm_rope_cache_op, (qkv, torch.randn(16), torch.randn(16), EPS, torch.randn(1, 8), torch.randn(1, 8),
+                                 caches[0], caches[1], 1, torch.tensor([5]), 4)),
     ]
 
 
-@pytest.mark.parametrize("index", range(4), ids=["rms_norm", "add_rms_norm", "silu_mul", "decode_attention"])
+@pytest.mark.parametrize("index", range(7), ids=["rms_norm", "add_rms_norm", "silu_mul", "decode_attention",
+                                                 "gemv", "swiglu_gemv", "qk_norm_rope_cache"])
 def test_custom_op_registration_passes_opcheck(index):
     op, args = _custom_op_args()[index]
     torch.library.opcheck(op, args)
@@ -690,6 +699,43 @@ def test_kernels_inside_cuda_graphs(switch_on):
 
 @pytest.mark.gpu
 @cuda_only
+def test_qk_norm_rope_cache_inside_a_cuda_graph(switch_on):
+    """As a fused decode step uses it: compiled with dynamic shapes, captured once for slot 2 of a
+    full-size LLM cache, replayed at several positions written into a static position tensor; each replay
+    gives the reference's queries and leaves both whole caches as the reference leaves them."""
+    heads, kv_heads, head_dim, max_len, dtype = 32, 8, 128, 8192, torch.bfloat16
+    caches = [torch.randn(3, kv_heads, max_len, head_dim, device="cuda", dtype=dtype) for _ in range(2)]
+    qkv = torch.randn(1, 1, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=dtype)
+    norms = [(1.0 + 0.3 * torch.randn(head_dim, device="cuda")).to(dtype) for _ in range(2)]
+    cos, sin = (torch.randn(1, head_dim // 2, device="cuda", dtype=dtype) for _ in range(2))
+    position = torch.zeros(1, dtype=torch.long, device="cuda")
+
+    def step(qkv, cos, sin, position):
+        return kernels.qk_norm_rope_cache(qkv, *norms, EPS, cos, sin, *caches, 2, position, heads) * 1.0
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        compiled(qkv, cos, sin, position)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = compiled(qkv, cos, sin, position)
+    for pos in (0, 1, 4095, max_len - 1):
+        position.fill_(pos)
+        for tensor in (qkv, cos, sin):
+            tensor.copy_(torch.randn_like(tensor))
+        expected = [cache.clone() for cache in caches]
+        want = kernels.qk_norm_rope_cache_reference(qkv, *norms, EPS, cos, sin, *expected, 2, position, heads)
+        graph.replay()
+        torch.testing.assert_close(out, want, atol=5e-2, rtol=5e-2)
+        for got, reference in zip(caches, expected):
+            torch.testing.assert_close(got, reference, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@cuda_only
 def test_decode_attention_inside_a_cuda_graph(switch_on):
     """As the fast runner uses it: compiled with dynamic shapes, captured once per kv_len, replayed at
     several positions written in place into a static position tensor."""
@@ -722,3 +768,20 @@ def test_decode_attention_inside_a_cuda_graph(switch_on):
 
 if __name__ == "__main__":
     print(json.dumps(interpreter_report()))
+
+
+def test_fused_decode_prologue_applies_only_where_its_kernel_does():
+    from workers.model.layers import Attention
+
+    def attention(head_dim: int, qk_norm: bool = True) -> Attention:
+        module = Attention(hidden=64, heads=4, kv_heads=2, head_dim=head_dim, eps=EPS, qk_norm=qk_norm)
+        module.fuse_projections()
+        return module
+
+    assert attention(16)._fusable_decode_prologue() and attention(16, qk_norm=False)._fusable_decode_prologue()
+    assert not attention(12)._fusable_decode_prologue()  # not a power of 2: no Triton block
+    unfused = Attention(hidden=64, heads=4, kv_heads=2, head_dim=16, eps=EPS, qk_norm=True)
+    assert not unfused._fusable_decode_prologue()
+    different_eps = attention(16)
+    different_eps.k_norm.eps = 1e-5
+    assert not different_eps._fusable_decode_prologue()

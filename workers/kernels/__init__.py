@@ -143,6 +143,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None
         raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not match x {tuple(x.shape)} {x.dtype}")
     if norm_weight is not None:
         _check_norm_weight(x, norm_weight)
+        norm_weight = norm_weight.contiguous()
     _check_residual(residual, x, weight.shape[0])
     return gemv_op(x, weight, norm_weight, eps, residual)
 
@@ -163,13 +164,18 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor | None, k_
     """A decode step's q/k norms (both weights or neither), rotations and K/V write in one kernel:
     qkv [..., (heads + 2 * kv_heads) * D] holding one row -> rotated queries [heads, D]; K/V of position
     input_pos ([1]) land in `slot` of k/v_cache [slots, kv_heads, max_len, D]. Call where
-    `use_decode_fusion(qkv)` holds."""
+    `use_decode_fusion(qkv)` holds. The kernel does not bounds-check the position (it is on the device):
+    the caller keeps it below max_len, as `DecoderRunner.forward` does."""
     kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
     if qkv.numel() != (heads + 2 * kv_heads) * head_dim or head_dim & (head_dim - 1):
         raise ValueError(f"qkv {tuple(qkv.shape)} is not one row of {heads} + 2 x {kv_heads} heads of a "
                          f"power-of-2 size {head_dim}")
     if (q_norm_weight is None) != (k_norm_weight is None):
         raise ValueError("pass both q/k norm weights or neither")
+    if q_norm_weight is not None:
+        if q_norm_weight.shape != (head_dim,) or k_norm_weight.shape != (head_dim,):
+            raise ValueError(f"q/k norm weights must be [{head_dim}]")
+        q_norm_weight, k_norm_weight = q_norm_weight.contiguous(), k_norm_weight.contiguous()
     if v_cache.shape != k_cache.shape or k_cache.dtype != qkv.dtype or not k_cache.is_contiguous():
         raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} {k_cache.dtype} must match "
                          f"and be contiguous in {qkv.dtype}")

@@ -43,6 +43,9 @@ GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     (6562, 768): (16, 128, 8),
 }
 DEFAULT_CONFIG = (2, 1024, 4)
+# The RMSNorm prologue is redone by every program (a reduction over x, read from L2, before the first
+# weight tile): more rows per program amortise it. Hand-picked, not yet swept (the sweep's `gemv_norm` rows).
+NORM_CONFIG = (8, 512, 4)
 
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
@@ -105,9 +108,9 @@ if triton is not None:
         tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def gemv_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for a weight of n_rows x n_cols."""
-    return GEMV_CONFIGS.get((n_rows, n_cols), DEFAULT_CONFIG)
+def gemv_config(n_rows: int, n_cols: int, norm: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for a weight of n_rows x n_cols, with or without the norm prologue."""
+    return NORM_CONFIG if norm else GEMV_CONFIGS.get((n_rows, n_cols), DEFAULT_CONFIG)
 
 
 def launch_gemv(x: torch.Tensor, weight: torch.Tensor, swiglu: bool,
@@ -117,7 +120,7 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, swiglu: bool,
     prologue (`norm_weight` [K], not with `swiglu`) and the residual epilogue (`residual` [N], contiguous);
     returns [N] in x.dtype."""
     n_rows, n_cols = weight.shape
-    block_n, block_k, num_warps = config or gemv_config(n_rows, n_cols)
+    block_n, block_k, num_warps = config or gemv_config(n_rows, n_cols, norm=norm_weight is not None)
     out = torch.empty(n_rows, dtype=x.dtype, device=x.device)
     # Pointers a disabled prologue / epilogue never reads.
     norm_ptr = x if norm_weight is None else norm_weight

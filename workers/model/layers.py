@@ -164,7 +164,7 @@ class Attention(nn.Module):
         kernel, the norm rides in the q/k/v product and the residual add in the output projection."""
         batch, seq, _ = x.shape
         q_size = self.heads * self.head_dim
-        if self.wqkv is not None and kernels.use_decode_fusion(x):
+        if self._fusable_decode_prologue() and kernels.use_decode_fusion(x):
             q = self._fused_decode_queries(linear(x, self.wqkv, norm=norm), cos, sin, input_pos, slot)
         else:
             q = self._queries(x, norm, cos, sin, input_pos, slot)
@@ -200,6 +200,12 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)
         self.kv_cache.update(slot, input_pos, k[0], v.transpose(1, 2)[0])
         return q
+
+    def _fusable_decode_prologue(self) -> bool:
+        """Whether `_fused_decode_queries` applies: fused projections, a power-of-2 head size (a Triton
+        block) and one eps for both q/k norms (the kernel takes one)."""
+        same_eps = self.q_norm is None or self.q_norm.eps == self.k_norm.eps
+        return self.wqkv is not None and self.head_dim & (self.head_dim - 1) == 0 and same_eps
 
     def _fused_decode_queries(self, qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
                               slot: int) -> Tensor:
