@@ -97,7 +97,8 @@ class DecoderRunner:
         decode_attention_kernel: the switch of the split-KV decode-attention kernel, set around each
             call like `triton_kernels` (which it needs as well); default: the config's default.
         gemv_kernel: the switch of the single-row matrix-vector kernel (decode steps), set likewise.
-        decode_fusion: the switch that folds a decode step's norms and residual adds into its GEMV kernels.
+        decode_fusion: the switch that folds a decode step's norms and residual adds into its GEMV kernels and
+            its q/k norms, rotations and K/V write into one kernel, set likewise.
         layer_probe: `fast` mode only: called as probe(layer_index, output [1, T, H]) after every layer,
             outside the compiled code and inside the captured graphs, so it must only do capturable work
             (e.g. copy into fixed buffers). For layer-by-layer checks; set before `warmup()`.

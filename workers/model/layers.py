@@ -242,8 +242,7 @@ class MLP(nn.Module):
         else:
             x = x if norm is None else norm(x)
             gate, up = self.gate_proj(x), self.up_proj(x)
-        out = self.down_proj(silu_mul(gate, up))
-        return out if residual is None else residual + out
+        return linear(silu_mul(gate, up), self.down_proj.weight, residual=residual)
 
 
 def _fuse_linear_weights(linears: list[nn.Linear]) -> Tensor:
