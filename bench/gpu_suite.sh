@@ -13,7 +13,8 @@
 # (default bench/results/gpu_suite). The device tool allows 10 minutes per command: run the suite in a
 # few calls made back to back (the machine and its compile cache stay warm), e.g.
 #   SUITE_STEPS="precompile_cold precompile_warm graph_tests kernels_test"
-#   SUITE_STEPS="fast_equivalence session_equivalence"
+#   SUITE_STEPS="fast_equivalence"
+#   SUITE_STEPS="session_equivalence"   (one eager and two fast fp32 sessions: 2-3 minutes on an H200)
 #   SUITE_STEPS="gemv_sweep kernels_bench profile"
 #   SUITE_STEPS="duplex"
 #

@@ -21,7 +21,7 @@ its RMSNorm prologue, the o and down GEMVs with their residual epilogue, and the
 `qk_norm_rope_cache` (`rows` = heads + 2 x kv_heads, `cols` = head_dim).
 `--sweep-gemv` times, instead of the table, every (BLOCK_N, BLOCK_K, num_warps) of a grid at each GEMV
 shape, and with the norm prologue (`gemv_norm`) at the q/k/v and gate/up shapes, and reports the fastest
-(what `workers/kernels/gemv.py` GEMV_CONFIGS and NORM_CONFIG should hold); with `--out` the
+(what `workers/kernels/gemv.py` GEMV_CONFIGS and NORM_CONFIGS should hold); with `--out` the
 report is rewritten after every shape, so a run cut short keeps the shapes it finished.
 Needs CUDA; elsewhere it prints {"skipped": ...} and exits 0.
 """

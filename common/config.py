@@ -83,7 +83,8 @@ class CompileConfig(_Strict):
     gemv_kernel: bool = Field(True, description="single-row matmuls of decode steps (and SwiGLU) in Triton")
     decode_fusion: bool = Field(False, description="decode steps fold RMSNorms and residual adds into the GEMV "
                                                    "kernels and q/k norms, RoPE and the KV write into one "
-                                                   "(off until measured on a GPU)")
+                                                   "(off: even on the LLM step, 10 % faster on the TTS step, GPU "
+                                                   "equivalence not yet run; docs/BENCHMARKS.md)")
     cache_dir: str = "torch_compile_cache"
 
 

@@ -147,6 +147,24 @@ def test_incremental_decode_matches_full_forward():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_prefill_accepts_attention_output_in_any_memory_layout(monkeypatch: pytest.MonkeyPatch):
+    """CUDA's fp32 attention kernels return [B, H, T, D] as a transposed view of [B, T, H, D] memory (found
+    by the GPU session test); the layer must not assume SDPA's output is contiguous."""
+    llm = make_llm()
+    embeds = random_embeds(6, TINY.llm.hidden)
+    sdpa = F.scaled_dot_product_attention
+
+    def strided_sdpa(*args, **kwargs):
+        out = sdpa(*args, **kwargs)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # same values, [B, T, H, D] in memory
+
+    with torch.no_grad():
+        expected = llm.model(embeds, torch.arange(6), 0, 8)
+        monkeypatch.setattr(F, "scaled_dot_product_attention", strided_sdpa)
+        actual = llm.model(embeds, torch.arange(6), 1, 8)
+    torch.testing.assert_close(actual, expected)
+
+
 def test_decode_step_traces_as_one_graph_and_updates_the_cache():
     llm = make_llm()
     compiled = torch.compile(llm.model, fullgraph=True, backend="aot_eager", dynamic=False)

@@ -3,14 +3,14 @@
 Two engines with the same seed (so the same random weights) run the same 10-unit session on the
 warmup MP4 with greedy decoding and `force_listen_count` 0, so the weights decide every unit: one
 engine eager, one in the `fast` mode (each decoder layer compiled by inductor's C++ backend, prefill
-padded to buckets, bucketed attention lengths, fused projections; no CUDA graphs on CPU), and one with
-`service.compile`'s in-place torch.compile of the backbones (the worker's CPU path). Every unit's
+padded to buckets, bucketed attention lengths, fused projections; no CUDA graphs on CPU). Every unit's
 decision, text, token and code counts must be equal, and the audio close.
 
 GPU (`-m gpu`): the same 10-unit session on the full preset, eager against `fast` with its CUDA graphs and
 Triton kernels (GEMV, split-KV attention, norms). In bf16, random weights leave near-ties that rounding
 flips (the layer-by-layer test measured 8 of 11 greedy tokens equal on an H100), so this run is in fp32
-with TF32 off: there the two paths differ only in summation order, and every token must be equal.
+with TF32 off: there the two paths differ only in summation order, and every token must be equal. The
+fast engine runs twice, without and with `compile.decode_fusion`, against one eager run.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ from workers.media import load_media
 UNITS = 10
 
 
-def _session_outputs(acceleration: str, preset: str = "tiny", device: str = "cpu") -> list[tuple]:
+def _session_outputs(acceleration: str, preset: str = "tiny", device: str = "cpu",
+                     decode_fusion: bool = False) -> list[tuple]:
     cfg = ServiceConfig.model_validate({"model": {"preset": preset, "device": device, "dtype": "float32",
-                                                  "acceleration": acceleration, "seed": 7}})
+                                                  "acceleration": acceleration, "seed": 7},
+                                        "compile": {"decode_fusion": decode_fusion}})
     engine = DuplexEngine(cfg)
     engine.warmup()
     clip = load_media(WARMUP_MP4)
@@ -66,12 +68,28 @@ def test_fast_session_greedy_tokens_equal_eager_tiny_cpu():
     _assert_same_session(_session_outputs("eager"), _session_outputs("fast"))
 
 
+@pytest.fixture(scope="module")
+def eager_full_preset_fp32_session() -> list[tuple]:
+    """The eager full-preset session, run once for every fast variant compared with it."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        outputs = _session_outputs("eager", "minicpm-o-4.5", "cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    gc.collect()  # the eager engine's ~40 GB of fp32 weights go before a fast engine loads its own
+    torch.cuda.empty_cache()
+    return outputs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fast_session_greedy_tokens_equal_eager_full_preset_fp32_gpu(monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("decode_fusion", [False, True], ids=["unfused", "decode_fusion"])
+def test_fast_session_greedy_tokens_equal_eager_full_preset_fp32_gpu(
+        eager_full_preset_fp32_session: list[tuple], decode_fusion: bool, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    expected = _session_outputs("eager", "minicpm-o-4.5", "cuda")
-    gc.collect()  # the eager engine's ~40 GB of fp32 weights go before the fast engine loads its own
+    actual = _session_outputs("fast", "minicpm-o-4.5", "cuda", decode_fusion)
+    gc.collect()
     torch.cuda.empty_cache()
-    _assert_same_session(expected, _session_outputs("fast", "minicpm-o-4.5", "cuda"))
+    _assert_same_session(eager_full_preset_fp32_session, actual)

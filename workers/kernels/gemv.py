@@ -25,27 +25,32 @@ import torch.nn.functional as F
 from workers.kernels._dispatch import tl, triton, triton_runs_on
 from workers.kernels.rmsnorm import rms_norm_reference
 
-# (BLOCK_N, BLOCK_K, num_warps) per weight shape (N, K); others use DEFAULT_CONFIG. Hand-picked, not yet
-# swept on a GPU: `python -m bench.kernels --sweep-gemv` times the grid, and its `best` belongs here. The
-# H200 decode steps of docs/BENCHMARKS.md ran with these.
+# (BLOCK_N, BLOCK_K, num_warps) per weight shape (N, K); others use DEFAULT_CONFIG. Each is the best of
+# `python -m bench.kernels --sweep-gemv` on an H200 (bench/results/gemv_sweep_h200.json).
 GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     # LLM (Qwen3-8B): q/k/v, o, gate/up, down (SwiGLU), LM head
     (6144, 4096): (2, 1024, 4),
-    (4096, 4096): (2, 1024, 2),
+    (4096, 4096): (1, 1024, 4),
     (24576, 4096): (2, 1024, 4),
-    (4096, 12288): (4, 1024, 2),
-    (151748, 4096): (1, 1024, 4),
+    (4096, 12288): (8, 1024, 4),
+    (151748, 4096): (2, 1024, 4),
     # TTS (Llama-300M shaped): q/k/v, o, gate/up, down (SwiGLU), code head
-    (2304, 768): (8, 128, 8),
+    (2304, 768): (2, 1024, 4),
     (768, 768): (2, 1024, 4),
-    (6144, 768): (16, 128, 8),
-    (768, 3072): (4, 1024, 8),
-    (6562, 768): (16, 128, 8),
+    (6144, 768): (8, 128, 8),
+    (768, 3072): (2, 1024, 8),
+    (6562, 768): (2, 1024, 4),
 }
 DEFAULT_CONFIG = (2, 1024, 4)
-# The RMSNorm prologue is redone by every program (a reduction over x, read from L2, before the first
-# weight tile): more rows per program amortise it. Hand-picked, not yet swept (the sweep's `gemv_norm` rows).
-NORM_CONFIG = (8, 512, 4)
+# With the RMSNorm prologue (compile.decode_fusion) every program redoes the reduction over x before its
+# first weight tile, so the best tiles differ: the sweep's `gemv_norm` rows, same file.
+NORM_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
+    (6144, 4096): (2, 1024, 4),
+    (24576, 4096): (4, 512, 4),
+    (2304, 768): (2, 1024, 4),
+    (6144, 768): (16, 512, 4),
+}
+NORM_DEFAULT_CONFIG = (8, 512, 4)
 
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
@@ -110,7 +115,9 @@ if triton is not None:
 
 def gemv_config(n_rows: int, n_cols: int, norm: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for a weight of n_rows x n_cols, with or without the norm prologue."""
-    return NORM_CONFIG if norm else GEMV_CONFIGS.get((n_rows, n_cols), DEFAULT_CONFIG)
+    if norm:
+        return NORM_CONFIGS.get((n_rows, n_cols), NORM_DEFAULT_CONFIG)
+    return GEMV_CONFIGS.get((n_rows, n_cols), DEFAULT_CONFIG)
 
 
 def launch_gemv(x: torch.Tensor, weight: torch.Tensor, swiglu: bool,

@@ -178,7 +178,7 @@ class Attention(nn.Module):
         else:
             visible = kernels.visible_keys(input_pos, kv_len)  # [T, kv_len]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.repeat(groups, 1))
-        out = out.view(batch, self.heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, q_size)
+        out = out.reshape(batch, self.heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, q_size)
         return linear(out, self.o_proj.weight, residual=residual)
 
     def _queries(self, x: Tensor, norm: RMSNorm | None, cos: Tensor, sin: Tensor, input_pos: Tensor,
