@@ -16,6 +16,8 @@ fast engine runs twice, without and with `compile.decode_fusion`, against one ea
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -68,15 +70,23 @@ def test_fast_session_greedy_tokens_equal_eager_tiny_cpu():
     _assert_same_session(_session_outputs("eager"), _session_outputs("fast"))
 
 
+@contextmanager
+def _tf32_off() -> Iterator[None]:
+    """Plain fp32 matmuls and convolutions (no TF32) for the duration, restored afterwards. (Not through
+    pytest's monkeypatch: torch's backend flags are not plain attributes, and its undo deletes them.)"""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture(scope="module")
 def eager_full_preset_fp32_session() -> list[tuple]:
     """The eager full-preset session, run once for every fast variant compared with it."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    with _tf32_off():
         outputs = _session_outputs("eager", "minicpm-o-4.5", "cuda")
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     gc.collect()  # the eager engine's ~40 GB of fp32 weights go before a fast engine loads its own
     torch.cuda.empty_cache()
     return outputs
@@ -86,10 +96,9 @@ def eager_full_preset_fp32_session() -> list[tuple]:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("decode_fusion", [False, True], ids=["unfused", "decode_fusion"])
 def test_fast_session_greedy_tokens_equal_eager_full_preset_fp32_gpu(
-        eager_full_preset_fp32_session: list[tuple], decode_fusion: bool, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    actual = _session_outputs("fast", "minicpm-o-4.5", "cuda", decode_fusion)
-    gc.collect()
+        eager_full_preset_fp32_session: list[tuple], decode_fusion: bool):
+    with _tf32_off():
+        actual = _session_outputs("fast", "minicpm-o-4.5", "cuda", decode_fusion)
+    gc.collect()  # this fast engine's weights go before the next variant's engine loads its own
     torch.cuda.empty_cache()
     _assert_same_session(eager_full_preset_fp32_session, actual)
