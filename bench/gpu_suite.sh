@@ -6,7 +6,7 @@
 # Steps, in order: precompile_cold (a worker start after emptying the compile caches: the cold
 # compile time), precompile_warm (the same start again: the warm start time), Triton kernel tests
 # (native), CUDA-graph equality tests (token2wav, vision, audio unit, a whole fast session), decoder step
-# benchmark (with and without the decode-step kernels, and with the decode fusion), fast-vs-eager layer-by-layer tests, the fp32
+# benchmark (with and without the decode-step kernels, and without the decode fusion), fast-vs-eager layer-by-layer tests, the fp32
 # whole-session greedy token equality, kernel micro-benchmark, GEMV config sweep, the fast-mode component
 # profile, and the duplex benchmark of all modes. Every step runs under its own time limit, logs its wall time
 # and exit code to $OUT/summary.txt, and the suite goes on after a failure. Results and logs go to $OUT
@@ -97,11 +97,11 @@ if wanted decode_steps; then
     OMNI_TRITON_GEMV=0 OMNI_TRITON_DECODE_ATTENTION=0 step decode_steps_without_decode_kernels 600 \
         "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --modes fast --json \
         --out "$OUT/decode_steps_without_decode_kernels.json"
-    # fast mode with the decode fusion: norms and residual adds inside the GEMVs, q/k norm + RoPE + KV write
-    # as one kernel (compile.decode_fusion, off by default)
-    OMNI_TRITON_DECODE_FUSION=1 step decode_steps_with_decode_fusion 600 \
+    # fast mode without the decode fusion (norms and residual adds inside the GEMVs; q/k norm + RoPE + KV
+    # write as one kernel; compile.decode_fusion, on by default)
+    OMNI_TRITON_DECODE_FUSION=0 step decode_steps_without_decode_fusion 600 \
         "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --modes fast --json \
-        --out "$OUT/decode_steps_with_decode_fusion.json"
+        --out "$OUT/decode_steps_without_decode_fusion.json"
 fi
 if wanted fast_equivalence; then
     step fast_equivalence 420 "$PYTHON" -m pytest -p no:cacheprovider -m gpu -q -s -rA \

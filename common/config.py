@@ -81,10 +81,9 @@ class CompileConfig(_Strict):
     triton_kernels: bool = True
     decode_attention_kernel: bool = Field(True, description="split-KV Triton attention for decode steps")
     gemv_kernel: bool = Field(True, description="single-row matmuls of decode steps (and SwiGLU) in Triton")
-    decode_fusion: bool = Field(False, description="decode steps fold RMSNorms and residual adds into the GEMV "
-                                                   "kernels and q/k norms, RoPE and the KV write into one "
-                                                   "(off: even on the LLM step, 10 % faster on the TTS step, GPU "
-                                                   "equivalence not yet run; docs/BENCHMARKS.md)")
+    decode_fusion: bool = Field(True, description="decode steps fold RMSNorms and residual adds into the GEMV "
+                                                  "kernels and q/k norms, RoPE and the KV write into one "
+                                                  "(speak unit 7 % faster on an H200; docs/BENCHMARKS.md)")
     cache_dir: str = "torch_compile_cache"
 
 
