@@ -97,8 +97,8 @@ if wanted decode_steps; then
     OMNI_TRITON_GEMV=0 OMNI_TRITON_DECODE_ATTENTION=0 step decode_steps_without_decode_kernels 600 \
         "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --modes fast --json \
         --out "$OUT/decode_steps_without_decode_kernels.json"
-    # fast mode without the decode fusion (norms and residual adds inside the GEMVs; q/k norm + RoPE + KV
-    # write as one kernel; compile.decode_fusion, on by default)
+    # fast mode without the decode fusion (which folds norms and residual adds into the GEMVs and runs q/k
+    # norm + RoPE + KV write as one kernel; compile.decode_fusion, on by default)
     OMNI_TRITON_DECODE_FUSION=0 step decode_steps_without_decode_fusion 600 \
         "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --modes fast --json \
         --out "$OUT/decode_steps_without_decode_fusion.json"

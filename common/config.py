@@ -83,7 +83,7 @@ class CompileConfig(_Strict):
     gemv_kernel: bool = Field(True, description="single-row matmuls of decode steps (and SwiGLU) in Triton")
     decode_fusion: bool = Field(True, description="decode steps fold RMSNorms and residual adds into the GEMV "
                                                   "kernels and q/k norms, RoPE and the KV write into one "
-                                                  "(speak unit 7 % faster on an H200; docs/BENCHMARKS.md)")
+                                                  "(1-7 ms less per speak unit on an H200; docs/BENCHMARKS.md)")
     cache_dir: str = "torch_compile_cache"
 
 
