@@ -112,7 +112,7 @@ if wanted session_equivalence; then
         tests/test_session_equivalence.py
 fi
 if wanted kernels_bench; then
-    step kernels_bench 300 "$PYTHON" -m bench.kernels --out "$OUT/kernels.json"
+    step kernels_bench 420 "$PYTHON" -m bench.kernels --out "$OUT/kernels.json"
 fi
 if wanted gemv_sweep; then
     step gemv_sweep 300 "$PYTHON" -m bench.kernels --sweep-gemv --out "$OUT/gemv_sweep.json"

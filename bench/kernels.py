@@ -22,7 +22,8 @@ its RMSNorm prologue, the o and down GEMVs with their residual epilogue, and the
 `--sweep-gemv` times, instead of the table, every (BLOCK_N, BLOCK_K, num_warps) of a grid at each GEMV
 shape, and with the norm prologue (`gemv_norm`) at the q/k/v and gate/up shapes, and reports the fastest
 (what `workers/kernels/gemv.py` GEMV_CONFIGS and NORM_CONFIGS should hold); with `--out` the
-report is rewritten after every shape, so a run cut short keeps the shapes it finished.
+report is rewritten after every shape (the table's after every case), so a run cut short keeps what it
+finished.
 Needs CUDA; elsewhere it prints {"skipped": ...} and exits 0.
 """
 
@@ -258,7 +259,8 @@ def measure(case: Case) -> dict[str, object]:
 
 def run(sweep: bool = False, write: Callable[[dict[str, object]], None] | None = None) -> dict[str, object]:
     """The whole benchmark (or, with `sweep`, the GEMV config sweep) as one JSON-ready dict, or
-    {"skipped": reason} without CUDA + Triton. `write` gets the sweep's report after every shape."""
+    {"skipped": reason} without CUDA + Triton. `write` gets the report so far after every case (every
+    shape of the sweep)."""
     if not torch.cuda.is_available():
         return {"skipped": "CUDA is required: no CUDA device is visible"}
     device = torch.device("cuda")
@@ -275,7 +277,11 @@ def run(sweep: bool = False, write: Callable[[dict[str, object]], None] | None =
     if sweep:
         report["gemv_sweep"] = sweep_gemv(device, lambda results: write({**report, "gemv_sweep": results}))
     else:
-        report["results"] = [measure(case) for case in build_cases(device)]
+        results: list[dict[str, object]] = []
+        report["results"] = results
+        for case in build_cases(device):
+            results.append(measure(case))
+            write(report)
     return report
 
 
