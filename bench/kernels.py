@@ -94,20 +94,6 @@ def gemv_shapes() -> list[tuple[str, str, int, int]]:
 def build_cases(device: torch.device) -> list[Case]:
     """All kernel x model x rows combinations with random bf16 inputs on `device`."""
     cases = []
-    models = {"llm": (LLMArgs().hidden, LLMArgs().ffn), "tts": (TTSArgs().hidden, TTSArgs().ffn)}
-    for model, (hidden, ffn) in models.items():
-        weight = torch.randn(hidden, device=device, dtype=DTYPE)
-        for rows in ROWS:
-            x = torch.randn(rows, hidden, device=device, dtype=DTYPE)
-            residual = torch.randn_like(x)
-            gate_up = torch.randn(rows, 2 * ffn, device=device, dtype=DTYPE)
-            gate, up = gate_up[:, :ffn], gate_up[:, ffn:]
-            cases += [
-                Case("rms_norm", model, rows, hidden, rms_norm_op, rms_norm_reference, (x, weight, EPS)),
-                Case("add_rms_norm", model, rows, hidden, add_rms_norm_op, add_rms_norm_reference,
-                     (x, residual, weight, EPS)),
-                Case("silu_mul", model, rows, ffn, silu_mul_op, silu_mul_reference, (gate, up)),
-            ]
     for model, args in {"llm": LLMArgs(), "tts": TTSArgs()}.items():
         groups = args.heads // args.kv_heads
         for kv_len in DECODE_KV_LENS:
@@ -126,7 +112,28 @@ def build_cases(device: torch.device) -> list[Case]:
         weights = _weight_copies(weight)
         cases.append(Case(kernel, model, rows, cols, *(_cycling(fn, x, weights) for fn in fns), (),
                           weight.numel() * weight.element_size()))
-    return cases + decode_fusion_cases(device)
+    # The decode-step kernels first, the norms last: a run cut short keeps what no earlier run measured.
+    return cases + decode_fusion_cases(device) + norm_cases(device)
+
+
+def norm_cases(device: torch.device) -> list[Case]:
+    """RMSNorm, residual-add + RMSNorm and SiLU-mul at the models' widths, at every row count of ROWS."""
+    cases = []
+    models = {"llm": (LLMArgs().hidden, LLMArgs().ffn), "tts": (TTSArgs().hidden, TTSArgs().ffn)}
+    for model, (hidden, ffn) in models.items():
+        weight = torch.randn(hidden, device=device, dtype=DTYPE)
+        for rows in ROWS:
+            x = torch.randn(rows, hidden, device=device, dtype=DTYPE)
+            residual = torch.randn_like(x)
+            gate_up = torch.randn(rows, 2 * ffn, device=device, dtype=DTYPE)
+            gate, up = gate_up[:, :ffn], gate_up[:, ffn:]
+            cases += [
+                Case("rms_norm", model, rows, hidden, rms_norm_op, rms_norm_reference, (x, weight, EPS)),
+                Case("add_rms_norm", model, rows, hidden, add_rms_norm_op, add_rms_norm_reference,
+                     (x, residual, weight, EPS)),
+                Case("silu_mul", model, rows, ffn, silu_mul_op, silu_mul_reference, (gate, up)),
+            ]
+    return cases
 
 
 def decode_fusion_cases(device: torch.device) -> list[Case]:
