@@ -6,7 +6,8 @@
 # Steps, in order: precompile_cold (a worker start after emptying the compile caches: the cold
 # compile time), precompile_warm (the same start again: the warm start time), Triton kernel tests
 # (native), CUDA-graph equality tests (token2wav, vision, audio unit, a whole fast session), decoder step
-# benchmark (with and without the decode-step kernels, and without the decode fusion), fast-vs-eager layer-by-layer tests, the fp32
+# benchmark (with and without the decode-step kernels, without the decode fusion, and with its one-pass norm
+# prologue), fast-vs-eager layer-by-layer tests, the fp32
 # whole-session greedy token equality, kernel micro-benchmark, GEMV config sweep, the fast-mode component
 # profile, and the duplex benchmark of all modes. Every step runs under its own time limit, logs its wall time
 # and exit code to $OUT/summary.txt, and the suite goes on after a failure. Results and logs go to $OUT
@@ -17,6 +18,8 @@
 #   SUITE_STEPS="session_equivalence"   (one eager and two fast fp32 sessions: 2-3 minutes on an H200)
 #   SUITE_STEPS="gemv_sweep kernels_bench profile"
 #   SUITE_STEPS="duplex"
+# The one-pass norm prologue of the decode fusion (OMNI_TRITON_GEMV_NORM_IN_LOOP, off) is proven by the same
+# tests with it on: OMNI_TRITON_GEMV_NORM_IN_LOOP=1 SUITE_STEPS="fast_equivalence session_equivalence".
 #
 # Environment:
 #   OUT               where results and logs go
@@ -102,6 +105,10 @@ if wanted decode_steps; then
     OMNI_TRITON_DECODE_FUSION=0 step decode_steps_without_decode_fusion 600 \
         "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --modes fast --json \
         --out "$OUT/decode_steps_without_decode_fusion.json"
+    # fast mode with the fusion's RMSNorm prologue in one pass (an experiment, off by default)
+    OMNI_TRITON_GEMV_NORM_IN_LOOP=1 step decode_steps_gemv_norm_in_loop 600 \
+        "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --modes fast --json \
+        --out "$OUT/decode_steps_gemv_norm_in_loop.json"
 fi
 if wanted fast_equivalence; then
     step fast_equivalence 420 "$PYTHON" -m pytest -p no:cacheprovider -m gpu -q -s -rA \

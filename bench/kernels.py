@@ -17,10 +17,12 @@ The single-row products (`gemv`, `swiglu_gemv`) run at the decode-step weight sh
 step, their weights come from memory, not from the 50 MB L2 cache: successive calls cycle through
 copies of the weight that together exceed COLD_BYTES.
 The decode fusion's kernels (`compile.decode_fusion`) run at the model shapes too: the q/k/v GEMV with
-its RMSNorm prologue, the o and down GEMVs with their residual epilogue, and the attention prologue
-`qk_norm_rope_cache` (`rows` = heads + 2 x kv_heads, `cols` = head_dim).
+its RMSNorm prologue (two-pass, `gemv_norm`, and one-pass, `gemv_norm_in_loop`), the o and down GEMVs
+with their residual epilogue, and the attention prologue `qk_norm_rope_cache` (`rows` = heads + 2 x
+kv_heads, `cols` = head_dim).
 `--sweep-gemv` times, instead of the table, every (BLOCK_N, BLOCK_K, num_warps) of a grid at each GEMV
-shape, and with the norm prologue (`gemv_norm`) at the q/k/v and gate/up shapes, and reports the fastest
+shape, and with the norm prologue (`gemv_norm`, `gemv_norm_in_loop`) at the q/k/v and gate/up shapes, and
+reports the fastest
 (what `workers/kernels/gemv.py` GEMV_CONFIGS and NORM_CONFIGS should hold); with `--out` the
 report is rewritten after every shape (the table's after every case), so a run cut short keeps what it
 finished.
@@ -137,7 +139,8 @@ def norm_cases(device: torch.device) -> list[Case]:
 
 
 def decode_fusion_cases(device: torch.device) -> list[Case]:
-    """The decode fusion's kernels at the model shapes: the q/k/v product with its RMSNorm prologue, the
+    """The decode fusion's kernels at the model shapes: the q/k/v product with its RMSNorm prologue (both
+    variants), the
     output projection and down projection with their residual epilogue, and the attention prologue
     (q/k norm + RoPE + K/V write into slot 1 of a 2-slot cache of 8192 positions)."""
     cases = []
@@ -157,6 +160,11 @@ def decode_fusion_cases(device: torch.device) -> list[Case]:
             calls = [_cycling(lambda x, w, fn=fn, extra=extra: fn(x, w, *extra), x_in, weights)
                      for fn in (fused, reference)]
             cases.append(Case(kernel, model, rows, cols, *calls, (), weights[0].numel() * weights[0].element_size()))
+        weights = _weight_copies(torch.randn(qkv_rows, args.hidden, device=device, dtype=DTYPE) / args.hidden**0.5)
+        one_pass = _cycling(lambda x, w, norm=norm: gemv_op(x, w, norm, EPS, None, True), x, weights)
+        reference = _cycling(lambda x, w, norm=norm: gemv_reference(x, w, norm, EPS), x, weights)
+        cases.append(Case("gemv_norm_in_loop", model, qkv_rows, args.hidden, one_pass, reference, (),
+                          weights[0].numel() * weights[0].element_size()))
         head_dim, kv_heads = args.head_dim, args.kv_heads
         qkv = torch.randn(1, 1, qkv_rows, device=device, dtype=DTYPE)
         qk_norm = model == "llm"  # Qwen3 normalises q and k; the TTS backbone does not
@@ -200,16 +208,19 @@ def sweep_gemv(device: torch.device, report: Callable[[list[dict[str, object]]],
 
     results: list[dict[str, object]] = []
     # The norm prologue's own rows: the products a fused decode step feeds a normed row (q/k/v, gate/up).
-    norm_shapes = [("gemv_norm", model, rows, cols) for kernel, model, rows, cols in gemv_shapes()
-                   if kernel == "gemv" and rows > cols and rows not in (LLMArgs().vocab, TTSArgs().num_audio_tokens)]
+    norm_shapes = [(variant, model, rows, cols) for kernel, model, rows, cols in gemv_shapes()
+                   if kernel == "gemv" and rows > cols and rows not in (LLMArgs().vocab, TTSArgs().num_audio_tokens)
+                   for variant in ("gemv_norm", "gemv_norm_in_loop")]
     for kernel, model, rows, cols in gemv_shapes() + norm_shapes:
         weight = torch.randn(rows, cols, device=device, dtype=DTYPE)
         x = torch.randn((2 if kernel == "swiglu_gemv" else 1) * cols, device=device, dtype=DTYPE)
         swiglu, weights, timings = kernel == "swiglu_gemv", _weight_copies(weight), {}
-        norm = torch.randn(cols, device=device, dtype=DTYPE) if kernel == "gemv_norm" else None
+        norm = torch.randn(cols, device=device, dtype=DTYPE) if kernel.startswith("gemv_norm") else None
+        in_loop = kernel == "gemv_norm_in_loop"
         for config in GEMV_SWEEP:
-            call = _cycling(lambda x, w, swiglu=swiglu, config=config, norm=norm:
-                            launch_gemv(x, w, swiglu, config, norm_weight=norm, eps=EPS), x, weights)
+            call = _cycling(lambda x, w, swiglu=swiglu, config=config, norm=norm, in_loop=in_loop:
+                            launch_gemv(x, w, swiglu, config, norm_weight=norm, eps=EPS, norm_in_loop=in_loop),
+                            x, weights)
             call()
             timings[config] = 1000.0 * do_bench_cudagraph(call, rep=SWEEP_REP_MS, return_mode="median")
         best = min(timings, key=timings.get)

@@ -88,7 +88,8 @@ GEMV_INTERPRETER_CASES = [
 ] + [
     # The fused prologue (RMSNorm of x) and epilogue (residual add) of a decode step's products.
     KernelCase(kernel, shape, dtype)
-    for kernel in ("gemv_norm", "gemv_residual", "gemv_norm_residual", "swiglu_gemv_residual")
+    for kernel in ("gemv_norm", "gemv_residual", "gemv_norm_residual", "swiglu_gemv_residual",
+                   "gemv_norm_in_loop", "gemv_norm_residual_in_loop")
     for shape in ((13, 100), (64, 768))
     for dtype in TOLERANCE
 ]
@@ -133,7 +134,8 @@ CUDA_CASES = (
     + [KernelCase("gemv", shape, "bfloat16") for shape in GEMV_MODEL_SHAPES]
     + [KernelCase("swiglu_gemv", shape, "bfloat16") for shape in SWIGLU_GEMV_MODEL_SHAPES]
     # as the fused decode step uses them: norm into q/k/v and gate/up, residual into o and down
-    + [KernelCase("gemv_norm", shape, "bfloat16") for shape in ((6144, 4096), (24576, 4096), (2304, 768), (6144, 768))]
+    + [KernelCase(kernel, shape, "bfloat16") for kernel in ("gemv_norm", "gemv_norm_in_loop")
+       for shape in ((6144, 4096), (24576, 4096), (2304, 768), (6144, 768))]
     + [KernelCase("gemv_residual", shape, "bfloat16") for shape in ((4096, 4096), (768, 768))]
     + [KernelCase("swiglu_gemv_residual", shape, "bfloat16") for shape in SWIGLU_GEMV_MODEL_SHAPES]
 )
@@ -193,7 +195,8 @@ def check_case(case: KernelCase, device: str) -> str | None:
 
 def _check_gemv(case: KernelCase, device: str) -> str | None:
     """One row against a weight of case.shape scaled so outputs are O(1) (the tolerance is absolute);
-    `_norm` / `_residual` in the kernel name add the RMSNorm prologue / residual epilogue."""
+    `_norm` / `_residual` in the kernel name add the RMSNorm prologue / residual epilogue, `_in_loop`
+    runs the prologue in one pass (`GEMV_NORM_IN_LOOP`)."""
     dtype = getattr(torch, case.dtype)
     rows, cols = case.shape
     weight = (torch.randn(rows, cols, device=device) / cols**0.5).to(dtype)
@@ -205,7 +208,12 @@ def _check_gemv(case: KernelCase, device: str) -> str | None:
     else:
         x = 3.0 * torch.randn(1, 1, cols, dtype=dtype, device=device)  # not unit RMS: the norm must act
         norm = (1.0 + 0.5 * torch.randn(cols, device=device)).to(dtype) if "norm" in case.kernel else None
-        got = kernels.gemv(x, weight, norm, EPS, residual)
+        previous = kernels.GEMV_NORM_IN_LOOP.is_on()
+        kernels.GEMV_NORM_IN_LOOP.set(case.kernel.endswith("_in_loop"))
+        try:
+            got = kernels.gemv(x, weight, norm, EPS, residual)
+        finally:
+            kernels.GEMV_NORM_IN_LOOP.set(previous)
         want = kernels.gemv_reference(x, weight, norm, EPS, residual)
     return _compare(case, got, want, kernels.use_gemv(x))
 
@@ -254,6 +262,15 @@ def _omni_op_counts(fn, *args) -> dict[str, int]:
 
     targets = (str(node.target) for node in make_fx(fn)(*args).graph.nodes)
     return dict(Counter(target for target in targets if target.startswith("omni.")))
+
+
+def _gemv_norm_in_loop_flags(fn, *args) -> list[bool]:
+    """The `norm_in_loop` argument of every omni::gemv call with a norm weight in the graph make_fx records."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    calls = [node for node in make_fx(fn)(*args).graph.nodes if str(node.target) == "omni.gemv.default"]
+    return [bool(node.args[5]) if len(node.args) > 5 else bool(node.kwargs.get("norm_in_loop", False))
+            for node in calls if len(node.args) > 2 and node.args[2] is not None]
 
 
 def interpreter_report() -> dict[str, object]:
@@ -346,6 +363,11 @@ def _fused_decode_layer_report() -> dict[str, object]:
             kernels.DECODE_FUSION.set(fused)
             traced["fused" if fused else "unfused"] = _omni_op_counts(
                 lambda x: layer(x, cos, sin, position, 1, 16), x)
+        kernels.GEMV_NORM_IN_LOOP.set(True)
+        in_loop_result = step(True)
+        in_loop_flags = _gemv_norm_in_loop_flags(lambda x: layer(x, cos, sin, position, 1, 16), x)
+        kernels.GEMV_NORM_IN_LOOP.set(False)
+        two_pass_flags = _gemv_norm_in_loop_flags(lambda x: layer(x, cos, sin, position, 1, 16), x)
         compiled = torch.compile(_call_layer, fullgraph=True, dynamic=True)
         kernels.DECODE_FUSION.set(True)
         cache.k_cache.copy_(initial[0])
@@ -364,6 +386,8 @@ def _fused_decode_layer_report() -> dict[str, object]:
         "fused_layer_ops": traced,
         "fused_layer_output_scale": results[False][0].abs().max().item(),
         "fused_layer_max_diffs": max_diff(results[True], results[False]),
+        "fused_layer_in_loop_max_diffs": max_diff(in_loop_result, results[False]),
+        "fused_layer_norm_in_loop_flags": {"on": in_loop_flags, "off": two_pass_flags},
         "fused_layer_wrote_the_cache": max_diff(results[False][1:], initial),
         "fused_layer_compiled_max_diffs": max_diff(compiled_result, results[True]),
         "fused_layer_compiled_cache_loops": loops,
@@ -441,6 +465,10 @@ def test_fused_decode_layer_folds_norms_and_adds_into_the_products(interpreter_r
     output_diff, keys_diff, values_diff = interpreter_results["fused_layer_max_diffs"]
     assert scale > 1.0 and output_diff <= 1e-5 * scale
     assert keys_diff <= 1e-5 and values_diff == 0.0
+    # The one-pass norm prologue (GEMV_NORM_IN_LOOP) reaches both normed products and gives the same step.
+    assert interpreter_results["fused_layer_norm_in_loop_flags"] == {"on": [True, True], "off": [False, False]}
+    output_diff, keys_diff, values_diff = interpreter_results["fused_layer_in_loop_max_diffs"]
+    assert output_diff <= 1e-5 * scale and keys_diff <= 1e-5 and values_diff <= 1e-5
     assert min(interpreter_results["fused_layer_wrote_the_cache"]) > 0.1  # the step did write K and V
 
 
@@ -644,10 +672,12 @@ def test_bench_cases_cover_models_and_rows_and_feed_their_ops():
         for rows in ROWS
     } | {("decode_attention", model, kv_len) for model in ("llm", "tts") for kv_len in DECODE_KV_LENS} | {
         (kernel, model, rows) for kernel, model, rows, _ in gemv_shapes()
-    } | {  # the decode fusion's kernels: q/k/v with its norm, o and down with their residual, the prologue
-        ("gemv_norm", "llm", 6144), ("gemv_residual", "llm", 4096), ("swiglu_gemv_residual", "llm", 4096),
-        ("qk_norm_rope_cache", "llm", 48), ("gemv_norm", "tts", 2304), ("gemv_residual", "tts", 768),
-        ("swiglu_gemv_residual", "tts", 768), ("qk_norm_rope_cache", "tts", 36),
+    } | {  # the decode fusion's kernels: q/k/v with its norm (two-pass and one-pass), o and down with their
+        # residual, the prologue
+        ("gemv_norm", "llm", 6144), ("gemv_norm_in_loop", "llm", 6144), ("gemv_residual", "llm", 4096),
+        ("swiglu_gemv_residual", "llm", 4096), ("qk_norm_rope_cache", "llm", 48), ("gemv_norm", "tts", 2304),
+        ("gemv_norm_in_loop", "tts", 2304), ("gemv_residual", "tts", 768), ("swiglu_gemv_residual", "tts", 768),
+        ("qk_norm_rope_cache", "tts", 36),
     }
     assert {(c.rows, c.cols) for c in cases if "gemv" in c.kernel} == {
         (rows, cols) for rows, cols in GEMV_MODEL_SHAPES + SWIGLU_GEMV_MODEL_SHAPES + [(6562, 768)]
