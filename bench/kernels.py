@@ -22,9 +22,9 @@ with their residual epilogue, and the attention prologue `qk_norm_rope_cache` (`
 kv_heads, `cols` = head_dim).
 `--sweep-gemv` times, instead of the table, every (BLOCK_N, BLOCK_K, num_warps) of a grid at each GEMV
 shape, and with the norm prologue (`gemv_norm`, `gemv_norm_in_loop`) at the q/k/v and gate/up shapes, and
-reports the fastest
-(what `workers/kernels/gemv.py` GEMV_CONFIGS and NORM_CONFIGS should hold); with `--out` the
-report is rewritten after every shape (the table's after every case), so a run cut short keeps what it
+reports the fastest (what `workers/kernels/gemv.py` GEMV_CONFIGS and NORM_CONFIGS should hold; the
+one-pass rows say whether GEMV_CONFIGS, which that variant takes, suit it too); with `--out` the report
+is rewritten after every shape (the table's after every case), so a run cut short keeps what it
 finished.
 Needs CUDA; elsewhere it prints {"skipped": ...} and exits 0.
 """
@@ -140,9 +140,8 @@ def norm_cases(device: torch.device) -> list[Case]:
 
 def decode_fusion_cases(device: torch.device) -> list[Case]:
     """The decode fusion's kernels at the model shapes: the q/k/v product with its RMSNorm prologue (both
-    variants), the
-    output projection and down projection with their residual epilogue, and the attention prologue
-    (q/k norm + RoPE + K/V write into slot 1 of a 2-slot cache of 8192 positions)."""
+    variants), the output projection and down projection with their residual epilogue, and the attention
+    prologue (q/k norm + RoPE + K/V write into slot 1 of a 2-slot cache of 8192 positions)."""
     cases = []
     for model, args in {"llm": LLMArgs(), "tts": TTSArgs()}.items():
         qkv_rows = (args.heads + 2 * args.kv_heads) * args.head_dim

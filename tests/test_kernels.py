@@ -7,6 +7,7 @@ JSON verdict per case; this process never sees the interpreter. On CUDA the same
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -29,6 +30,8 @@ from workers.kernels.swiglu import silu_mul_op
 from workers.model.layers import linear
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The module itself: `workers.kernels.gemv` as an attribute is the public function of that name.
+gemv_module = importlib.import_module("workers.kernels.gemv")
 EPS = 1e-6
 TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 5e-2}
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -208,12 +211,25 @@ def _check_gemv(case: KernelCase, device: str) -> str | None:
     else:
         x = 3.0 * torch.randn(1, 1, cols, dtype=dtype, device=device)  # not unit RMS: the norm must act
         norm = (1.0 + 0.5 * torch.randn(cols, device=device)).to(dtype) if "norm" in case.kernel else None
-        previous = kernels.GEMV_NORM_IN_LOOP.is_on()
-        kernels.GEMV_NORM_IN_LOOP.set(case.kernel.endswith("_in_loop"))
+        in_loop = case.kernel.endswith("_in_loop")
+        if in_loop and kernels.GEMV_NORM_IN_LOOP.env in os.environ:
+            return f"{kernels.GEMV_NORM_IN_LOOP.env} is set: the case cannot choose the prologue"
+        previous, launched = kernels.GEMV_NORM_IN_LOOP.is_on(), []
+        kernels.GEMV_NORM_IN_LOOP.set(in_loop)
+        original_launch = gemv_module.launch_gemv
+
+        def recording_launch(*args, **kwargs):  # which prologue the kernel was launched with
+            launched.append(kwargs.get("norm_in_loop"))
+            return original_launch(*args, **kwargs)
+
+        gemv_module.launch_gemv = recording_launch
         try:
             got = kernels.gemv(x, weight, norm, EPS, residual)
         finally:
             kernels.GEMV_NORM_IN_LOOP.set(previous)
+            gemv_module.launch_gemv = original_launch
+        if launched not in ([], [in_loop]):  # [] where the kernel does not run: _compare says so
+            return f"the kernel ran with norm_in_loop={launched}, the case asks for {in_loop}"
         want = kernels.gemv_reference(x, weight, norm, EPS, residual)
     return _compare(case, got, want, kernels.use_gemv(x))
 
@@ -398,7 +414,8 @@ def _fused_decode_layer_report() -> dict[str, object]:
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, object]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    for switch in (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV, kernels.DECODE_FUSION):
+    for switch in (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV, kernels.DECODE_FUSION,
+                   kernels.GEMV_NORM_IN_LOOP):
         env.pop(switch.env, None)
     proc = subprocess.run(
         [sys.executable, "-m", "tests.test_kernels"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
@@ -410,7 +427,8 @@ def interpreter_results() -> dict[str, object]:
 
 @pytest.fixture
 def switch_on():
-    """All kernel switches on for the test, the previous state restored after."""
+    """All kernel switches on for the test (the one-pass norm as each case asks), the previous state
+    restored after."""
     switches = (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV, kernels.DECODE_FUSION)
     previous = [switch.is_on() for switch in switches]
     for switch in switches:
@@ -611,14 +629,15 @@ def _custom_op_args() -> list[tuple[object, tuple]]:
         (silu_mul_op, (gate_up[..., :64], gate_up[..., 64:])),
         (decode_attention_op, attention),
         (gemv_op, (row, matrix, weight, EPS, torch.randn(1, 1, 32))),
+        (gemv_op, (row, matrix, weight, EPS, None, True)),
         (swiglu_gemv_op, (torch.randn(1, 1, 128), matrix, torch.randn(1, 1, 32))),
         (qk_norm_rope_cache_op, (qkv, torch.randn(16), torch.randn(16), EPS, torch.randn(1, 8), torch.randn(1, 8),
                                  caches[0], caches[1], 1, torch.tensor([5]), 4)),
     ]
 
 
-@pytest.mark.parametrize("index", range(7), ids=["rms_norm", "add_rms_norm", "silu_mul", "decode_attention",
-                                                 "gemv", "swiglu_gemv", "qk_norm_rope_cache"])
+@pytest.mark.parametrize("index", range(8), ids=["rms_norm", "add_rms_norm", "silu_mul", "decode_attention",
+                                                 "gemv", "gemv_norm_in_loop", "swiglu_gemv", "qk_norm_rope_cache"])
 def test_custom_op_registration_passes_opcheck(index):
     op, args = _custom_op_args()[index]
     torch.library.opcheck(op, args)

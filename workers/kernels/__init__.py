@@ -148,6 +148,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None
         _check_norm_weight(x, norm_weight)
         norm_weight = norm_weight.contiguous()
     _check_residual(residual, x, weight.shape[0])
+    # The flag only matters with a norm weight; products without one ignore it.
     return gemv_op(x, weight, norm_weight, eps, residual, GEMV_NORM_IN_LOOP.is_on())
 
 

@@ -16,7 +16,7 @@ Two more fusions remove the small kernels between the products of a decoder laye
   `NORM_IN_LOOP` is the one-pass variant: the squares are summed in the product's own loop, the tiles are
   multiplied by the norm weight only, and the row's 1/rms scales the finished sums. It reads x once and
   starts the weight stream at once, but skips the rounding of the normalised row that the unfused path
-  does. `workers.kernels.gemv` chooses it where the `GEMV_NORM_IN_LOOP` switch is on (off: an experiment
+  does. `gemv()` in workers/kernels/__init__.py chooses it where the `GEMV_NORM_IN_LOOP` switch is on (off: an experiment
   until a GPU measures it; if it is faster and both GPU proofs pass, it replaces the two-pass prologue);
 - `RESIDUAL` (epilogue): out = residual + x @ weight.T, the product rounded to the output dtype before the
   add, as the unfused `residual + linear(x)` rounds it.
@@ -160,7 +160,8 @@ def _contiguous_row(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _gemv_triton(x: torch.Tensor, weight: torch.Tensor, swiglu: bool, norm_weight: torch.Tensor | None = None,
-                 eps: float = 0.0, residual: torch.Tensor | None = None, norm_in_loop: bool = False) -> torch.Tensor:
+                 eps: float = 0.0, residual: torch.Tensor | None = None,
+                 norm_in_loop: bool = False) -> torch.Tensor:
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     out = launch_gemv(_contiguous_row(x), weight, swiglu, norm_weight=norm_weight, eps=eps,
