@@ -52,7 +52,7 @@ class SessionSettings(BaseModel):
     max_kv_tokens: int | None = Field(None, ge=256, description="per-session cap, min'd with the server cap")
     max_tokens: int | None = Field(None, ge=1, description="cap on text tokens per spoken turn")
     reference_decode: bool = Field(False, description="bit-exact reference decode rule (MODEL.md §6 #1-2)")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
 
 class ModelConfig(_Strict):
@@ -277,8 +277,8 @@ def validate_session_settings(base: SessionSettings, overrides: dict[str, Any]) 
     """
     merged = base.model_dump()
     merged.update(overrides)
-    try:
-        return SessionSettings.model_validate(merged)
+    try:  # strict: "0.5" for a number or "no" for a bool is a wrong type, not a value to coerce
+        return SessionSettings.model_validate(merged, strict=True)
     except ValidationError as e:
         first = e.errors()[0]
         key = ".".join(str(p) for p in first["loc"])

@@ -38,7 +38,7 @@ class ClientFrame:
             return cls(raw, None, False)
         try:
             value = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # ValueError: bad JSON or an integer over 4300 digits
             return cls(raw, None, True)
         return cls(raw, value if isinstance(value, dict) else None, False)
 
@@ -102,8 +102,10 @@ class ClientChannel:
             with contextlib.suppress(RuntimeError, OSError):
                 await self.websocket.close(code=code, reason=reason[:120])
         self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        # The reader's own failure, if any, must not stop the caller's clean-up (worker link, pool slot).
+        outcome = (await asyncio.gather(self._reader, return_exceptions=True))[0]
+        if isinstance(outcome, Exception):
+            log.error("client reader failed", exc_info=outcome)
 
 
 class WorkerGone(Exception):

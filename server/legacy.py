@@ -172,6 +172,6 @@ def _parse_object(raw: str) -> dict[str, Any] | None:
     """A worker frame as a dict, or None when it is not a JSON object."""
     try:
         message = json.loads(raw)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None
     return message if isinstance(message, dict) else None

@@ -313,8 +313,15 @@ async def test_legacy_bad_inputs_keep_the_session(idle, clip):
     assert "temperature" in _error(await ask({"type": "prepare", "config": {"temperature": 9}}),
                                    "invalid_config")["error"]  # row 18
     _error(await ask({"type": "prepare", "ref_audio_path": "/etc/passwd"}), "ref_audio_path_forbidden")  # row 19
+    _error(await ask({"type": "prepare", "ref_audio_base64": b64_pcm(np.zeros(1))}), "bad_ref_audio")  # too short
+    _error(await ask({"type": "prepare", "config": {"seed": 2**70}}), "invalid_config")
+    _error(await ask({"type": "prepare", "config": {"temperature": "0.5"}}), "invalid_config")  # a wrong type
+    assert "system_prompt" in _error(await ask({"type": "prepare", "system_prompt": "hello world " * 20000}),
+                                     "invalid_config")["error"]  # more than the session's KV holds
     assert (await ask({"type": "prepare", "config": LISTEN_ONLY}))["type"] == "prepared"  # retry works
     _error(await ask("{not json"), "bad_json")  # row 1
+    _error(await ask('{"type": "resume", "x": ' + "1" * 5000 + "}"), "bad_json")  # over Python's digit limit
+    _error(await ask('{"type": "resume", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"), "bad_json")  # too deep
     for frame in ("[1, 2]", "{}", '{"type": 5}'):
         _error(await ask(frame), "bad_message")  # row 2
     _error(await ask(b"\x00\x01"), "binary_frame")  # row 3
@@ -342,7 +349,7 @@ async def test_legacy_bad_inputs_keep_the_session(idle, clip):
                       "frame_base64_list": [jpeg_b64(clip, 1)] * 5})  # row 13
     assert many["type"] == "result" and "too_many_frames" in {w["code"] for w in many["warnings"]}
     _error(await ask({"type": "prepare"}), "already_prepared")  # row 16
-    assert (await ask({"type": "pause", "timeout": 30}))["type"] == "paused"
+    assert (await ask({"type": "pause", "timeout": 10**400}))["timeout"] == 300  # beyond a float: clamped
     assert (await ask({"type": "pause", "timeout": 30}))["type"] == "paused"  # row 23
     paused = _error(await ask({"type": "audio_chunk", "audio_base64": b64_pcm(second)}), "paused")  # row 22
     assert paused["error"] == "Worker is paused"
@@ -404,6 +411,7 @@ async def test_realtime_bad_inputs_become_warnings(idle, clip):
         return await recv_json(ws)
 
     _warning(await ask("{oops"), "bad_json")
+    _warning(await ask('{"type": "input.append", "x": ' + "1" * 5000 + "}"), "bad_json")
     _warning(await ask("[]"), "bad_message")
     _warning(await ask(b"\x01"), "binary_frame")
     _warning(await ask({"type": "input_audio_buffer.commit"}), "unknown_type")

@@ -74,6 +74,12 @@ def test_row1_bad_json():
     expect_error("bad_json", protocol.parse_text_frame, "{not json")
 
 
+@pytest.mark.parametrize("text", ['{"type": "resume", "x": ' + "1" * 5000 + "}",  # over Python's int digit limit
+                                  '{"type": "resume", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"])
+def test_row1_json_python_cannot_load_is_bad_json(text):
+    expect_error("bad_json", protocol.parse_text_frame, text)
+
+
 @pytest.mark.parametrize("text", ["[1, 2]", "42", '"prepare"', "{}", '{"type": 3}', '{"type": null}'])
 def test_row2_bad_message(text):
     expect_error("bad_message", protocol.parse_text_frame, text)
@@ -187,6 +193,8 @@ def test_row13_frame_too_large_and_too_many(cfg):
         ("2", 1, True),
         (2.5, 2, True),
         (True, 1, True),
+        pytest.param(10**400, 9, True, id="beyond-a-float"),
+        pytest.param(-(10**400), 1, True, id="below-a-float"),
     ],
 )
 def test_row20_max_slice_nums_clamped(cfg, value, expected, warned):
@@ -245,6 +253,11 @@ def test_prepare_config_applied_and_top_level_slices_win(cfg):
         ({"decode_mode": "beam"}, "decode_mode"),
         ({"ls_mode": "implicit"}, "ls_mode"),
         ({"force_listen_count": -1}, "force_listen_count"),
+        ({"temperature": "0.5"}, "temperature"),  # wrong types are rejected, not coerced
+        ({"generate_audio": "no"}, "generate_audio"),
+        ({"top_k": 20.5}, "top_k"),
+        ({"seed": 2**70}, "seed"),
+        ({"seed": -1}, "seed"),
     ],
 )
 def test_row18_invalid_config_names_the_key(cfg, config, key):
@@ -294,11 +307,19 @@ def test_prepare_ref_audio_wav(cfg, fmt, rate, channels):
                 b"\x01\x00\x01\x00", b"\x07\x00\x01\x00"
             )
         ),
+        b64(wav_bytes(np.zeros(40, dtype=np.float32), 1)),  # 40 s at a declared 1 Hz: too long, found before resampling
     ],
 )
 def test_row17_bad_ref_audio(cfg, payload):
     expect_error("bad_ref_audio", protocol.parse_prepare, {"ref_audio_base64": payload}, cfg)
     expect_error("bad_ref_audio", protocol.parse_prepare, {"tts_ref_audio_base64": payload}, cfg)
+
+
+def test_row17_voice_shorter_than_the_encoder_takes(cfg):
+    error = expect_error("bad_ref_audio", protocol.parse_prepare, {"ref_audio_base64": pcm(np.zeros(1))}, cfg)
+    assert "shorter than 0.1 s" in error.message
+    # the vocoder's reference has no such floor
+    assert protocol.parse_prepare({"tts_ref_audio_base64": pcm(np.zeros(800))}, cfg).tts_ref_audio.size == 800
 
 
 def test_row19_ref_audio_path(tmp_path):
@@ -323,6 +344,7 @@ def test_pause_timeout_clamped():
     assert protocol.parse_pause_timeout({"timeout": 0.2}, 60.0) == 1.0
     assert protocol.parse_pause_timeout({"timeout": 1000}, 60.0) == 300.0
     assert protocol.parse_pause_timeout({"timeout": "soon"}, 60.0) == 60.0
+    assert protocol.parse_pause_timeout({"timeout": 10**400}, 60.0) == 300.0  # beyond a float
 
 
 # --- result building (rows 9-10, PROTOCOL.md §1.8) -------------------------------------------

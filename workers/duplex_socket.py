@@ -26,6 +26,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from common.config import ServiceConfig
 from workers import protocol
+from workers.engine.session import PromptTooLong
 from workers.protocol import AudioChunk, PrepareRequest, ProtocolError, ResultCounters
 
 log = logging.getLogger("workers.duplex_socket")
@@ -221,17 +222,22 @@ class DuplexSocketSession:
         if self._prepared is not None and not self.cfg.service.allow_reprepare:
             await self._send_error("already_prepared", "Session is already prepared")
             return
-        try:
-            request = protocol.parse_prepare(message, self.cfg)
+        try:  # off the event loop: decoding and resampling a reference clip takes a while
+            request = await asyncio.to_thread(protocol.parse_prepare, message, self.cfg)
         except ProtocolError as e:
             await self._send_error(e.code, e.message)
             return
         ref_audio = request.ref_audio if request.ref_audio is not None else self.default_voice
         tts_ref_audio = request.tts_ref_audio if request.tts_ref_audio is not None else self.default_voice
         await self._wait_pending_finalize()
-        prepared = await self._call_model(
-            self.session.prepare, request.system_prompt, request.settings, ref_audio, tts_ref_audio
-        )
+        try:
+            prepared = await self._call_model(
+                self.session.prepare, request.system_prompt, request.settings, ref_audio, tts_ref_audio
+            )
+        except PromptTooLong as e:  # the client's input, not a model failure: still unprepared, may retry
+            self._prepared = None
+            await self._send_error("invalid_config", f"system_prompt: {e}")
+            return
         self._prepared = request
         # A (re-)prepare starts the session over: nothing buffered on this side survives it.
         self._counters = ResultCounters()

@@ -29,6 +29,7 @@ INPUT_SAMPLE_RATE = 16_000
 OUTPUT_SAMPLE_RATE = 24_000
 MAX_SLICE_NUMS = 9
 PAUSE_TIMEOUT_RANGE_S = (1.0, 300.0)
+MIN_REF_AUDIO_S = 0.1  # the LLM voice's shortest clip (workers/model/apm.py encode_offline)
 # Legacy clients that receive a listening unit get 1 s of zeros (PROTOCOL.md §1.8).
 _SILENCE_1S_BASE64 = base64.b64encode(np.zeros(OUTPUT_SAMPLE_RATE, dtype="<f4").tobytes()).decode("ascii")
 
@@ -72,7 +73,7 @@ def parse_text_frame(text: str) -> dict[str, Any]:
     """A text frame -> message object with a string `type` (rows 1-2)."""
     try:
         message = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, an integer over 4300 digits
         raise ProtocolError("bad_json", f"Invalid JSON: {e}") from e
     if not isinstance(message, dict):
         raise ProtocolError("bad_message", "Message must be a JSON object")
@@ -124,10 +125,11 @@ def _resample_linear(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
     return np.interp(positions, np.arange(samples.size), samples).astype(np.float32)
 
 
-def decode_wav(data: bytes) -> np.ndarray:
+def decode_wav(data: bytes, max_s: float | None = None) -> np.ndarray:
     """RIFF/WAVE (PCM 8/16/24/32-bit or float 32/64, any channel count) -> 16 kHz mono float32.
 
-    Raises ValueError naming what is wrong with the file.
+    Raises ValueError naming what is wrong with the file; with `max_s`, also when it is longer than that
+    (checked before resampling, which a tiny declared rate would blow up).
     """
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         raise ValueError("not a RIFF/WAVE file")
@@ -148,16 +150,18 @@ def decode_wav(data: bytes) -> np.ndarray:
         elif chunk_id == b"data":
             if fmt is None:
                 raise ValueError("WAV data chunk before fmt chunk")
-            return _wav_samples(body, *fmt)
+            return _wav_samples(body, *fmt, max_s)
         pos += 8 + size + (size & 1)
     raise ValueError("WAV file without fmt/data chunks")
 
 
-def _wav_samples(body: bytes, tag: int, channels: int, rate: int, bits: int) -> np.ndarray:
+def _wav_samples(body: bytes, tag: int, channels: int, rate: int, bits: int, max_s: float | None) -> np.ndarray:
     if channels < 1 or rate < 1:
         raise ValueError(f"WAV header has {channels} channels at {rate} Hz")
     width = bits // 8
     body = body[: len(body) - len(body) % (width * channels)] if width else body
+    if max_s is not None and width and len(body) / (width * channels) > max_s * rate:
+        raise ValueError(f"{len(body) / (width * channels) / rate:.1f} s long; the limit is {max_s:g} s")
     if tag == 3 and bits in (32, 64):
         samples = np.frombuffer(body, dtype=f"<f{width}").astype(np.float64)
     elif tag == 1 and bits == 8:
@@ -178,7 +182,7 @@ def decode_ref_audio(raw: bytes, max_s: float, what: str) -> np.ndarray:
     """Reference audio bytes (WAV file or raw float32 LE PCM 16 kHz) -> validated float32 (row 17)."""
     if raw[:4] == b"RIFF" and raw[8:12] == b"WAVE":
         try:
-            samples = decode_wav(raw)
+            samples = decode_wav(raw, max_s)
         except (ValueError, struct.error) as e:
             raise ProtocolError("bad_ref_audio", f"{what}: unreadable WAV ({e})") from e
     else:
@@ -236,16 +240,23 @@ class PrepareRequest:
     warnings: list[WarningItem] = field(default_factory=list)
 
 
+def _is_finite_number(value: Any) -> bool:
+    """A JSON number that is finite; ints of any size count (math.isfinite cannot take the huge ones)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
 def clamp_max_slice_nums(value: Any, warnings: list[WarningItem]) -> int:
     """An int in 1..9; anything else is clamped (or defaults to 1) with a `max_slice_nums_clamped` warning."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _is_finite_number(value):
         warnings.append(
-            warning("max_slice_nums_clamped", f"max_slice_nums {value!r} is not an integer; using 1")
+            warning("max_slice_nums_clamped", f"max_slice_nums {value!r:.40} is not an integer; using 1")
         )
         return 1
     clamped = min(max(int(value), 1), MAX_SLICE_NUMS)
     if clamped != value:
-        warnings.append(warning("max_slice_nums_clamped", f"max_slice_nums {value!r} clamped to {clamped}"))
+        warnings.append(warning("max_slice_nums_clamped", f"max_slice_nums {value!r:.40} clamped to {clamped}"))
     return clamped
 
 
@@ -280,6 +291,8 @@ def parse_prepare(message: dict[str, Any], cfg: ServiceConfig) -> PrepareRequest
         ref_audio = _ref_audio_from_path(
             message["ref_audio_path"], cfg.service.ref_audio_dir, limits.max_ref_audio_s
         )
+    if ref_audio is not None and ref_audio.size < MIN_REF_AUDIO_S * INPUT_SAMPLE_RATE:
+        raise ProtocolError("bad_ref_audio", f"the voice reference is shorter than {MIN_REF_AUDIO_S:g} s")
     tts_ref_audio = ref_audio
     if message.get("tts_ref_audio_base64"):
         tts_ref_audio = _ref_audio_from_base64(
@@ -396,7 +409,7 @@ def parse_audio_chunk(message: dict[str, Any], cfg: ServiceConfig) -> AudioChunk
 def parse_pause_timeout(message: dict[str, Any], default_s: float) -> float:
     """`pause.timeout` in seconds, clamped to 1-300 s; a missing or non-numeric value gives the default."""
     value = message.get("timeout", default_s)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _is_finite_number(value):
         value = default_s
     low, high = PAUSE_TIMEOUT_RANGE_S
     return float(min(max(value, low), high))

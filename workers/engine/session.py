@@ -60,6 +60,10 @@ FORCED_SPEAK_UNITS = 5
 FORCED_TTS_CODES = 25
 
 
+class PromptTooLong(ValueError):
+    """`prepare`'s system block (prompt and voice) does not fit under the session's KV cap."""
+
+
 @dataclass
 class PrepareResult:
     prompt_length: int  # characters of the assembled prompt string (wire compatibility)
@@ -244,15 +248,18 @@ class DuplexSession:
         when None); `tts_ref_audio` (falls back to the voice) initialises the vocoder stream.
         """
         self._require_open()
+        self.prepared = False
         self._reset(settings)
         voice = ref_audio if ref_audio is not None else self.engine.default_voice
         head_text = f"system\n{system_prompt}\n"
         head_ids = [tokens.IM_START, *self.engine.tokenizer.encode(head_text), tokens.AUDIO_START]
+        self._check_prompt_fits(len(head_ids) + 2)  # before embedding a prompt that may be huge
         parts = [self._embed(head_ids)]
         if voice is not None and voice.size:
             voice_embeds = self.audio_encoder.encode_offline(voice)
             parts.append(voice_embeds.reshape(1, -1, voice_embeds.shape[-1]).to(self._model.llm_dtype))
         parts.append(self._embed([tokens.AUDIO_END, tokens.IM_END]))
+        self._check_prompt_fits(sum(part.shape[1] for part in parts))
         self._forward(torch.cat(parts, dim=1))
         self.ledger.set_prefix(self.position, self.engine.tokenizer.encode(PREVIOUS_HEADER))
         if settings.generate_audio:
@@ -261,6 +268,12 @@ class DuplexSession:
         self.prepared = True
         prompt = f"<|im_start|>{head_text}<|audio_start|><|audio_end|><|im_end|>"
         return PrepareResult(prompt_length=len(prompt), prompt_tokens=self.position)
+
+    def _check_prompt_fits(self, length: int) -> None:
+        cap = self.ledger.limits.cap
+        if length > cap:
+            raise PromptTooLong(f"the system prompt and voice take {length} KV positions; this session holds "
+                                f"at most {cap}")
 
     # ------------------------------------------------------------------------------------------ audio
     def push_audio(self, samples: np.ndarray) -> None:
