@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 
 import httpx
 
-from server.queue import DurationEstimator, SessionKind, SessionQueue, Ticket
+from server.queue import DurationEstimator, QueueFull, SessionKind, SessionQueue, Ticket
 
 log = logging.getLogger("gateway.pool")
 
@@ -183,6 +183,9 @@ class WorkerPool:
             raise NoWorker()
         ticket = self.queue.push(session_id, kind)
         self._dispatch()
+        if self.queue.over_limit(ticket):
+            self.queue.remove(ticket)
+            raise QueueFull(self.queue.max_size)
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:

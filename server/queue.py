@@ -78,12 +78,15 @@ class SessionQueue:
         return len(self._tickets)
 
     def push(self, session_id: str, kind: SessionKind) -> Ticket:
-        """Append a ticket; raises QueueFull when the queue is at its limit."""
-        if len(self._tickets) >= self.max_size:
-            raise QueueFull(self.max_size)
+        """Append a ticket. The limit applies to tickets left waiting (`over_limit`): one that a free slot
+        serves at once never counts, so `max_size` 0 still admits sessions while a slot is free."""
         ticket = Ticket(session_id=session_id, kind=kind)
         self._tickets[ticket.ticket_id] = ticket
         return ticket
+
+    def over_limit(self, ticket: Ticket) -> bool:
+        """Whether `ticket` waits behind `max_size` others or more (it must be refused: QueueFull)."""
+        return self.position(ticket) > self.max_size
 
     def remove(self, ticket: Ticket) -> bool:
         """Drop a ticket (client left, or it was served). Returns whether it was queued."""

@@ -122,7 +122,8 @@ async def serve_realtime(websocket: WebSocket, state: GatewayState) -> None:
         metrics.error("worker_failed")
         await _fail(channel, "worker_failed", "The worker serving this session failed", 1011)
         return
-    bridge = RealtimeBridge(channel, link, session_id, mode, observer, metrics)
+    bridge = RealtimeBridge(channel, link, session_id, mode, observer, metrics,
+                            hold_limits=(limits.queue_hold_messages, limits.queue_hold_bytes))
     try:
         await bridge.run(assignment, admission.held)
     finally:
@@ -141,8 +142,12 @@ class RealtimeBridge:
     """Translation state of one realtime session once it has a worker."""
 
     def __init__(self, channel: ClientChannel, link: WorkerLink, session_id: str, mode: str,
-                 observer: SessionObserver, metrics: GatewayMetrics) -> None:
+                 observer: SessionObserver, metrics: GatewayMetrics, hold_limits: tuple[int, int]) -> None:
         self.channel = channel
+        # Appends wait here before session.created and while MAX_CHUNKS_IN_FLIGHT are unanswered; the
+        # queue's hold limits (messages, bytes; PROTOCOL.md §1.9 rule 2) bound them.
+        self.hold_messages, self.hold_bytes = hold_limits
+        self.pending_bytes = 0
         self.link = link
         self.session_id = session_id
         self.mode = mode
@@ -152,7 +157,7 @@ class RealtimeBridge:
         self.init_sent = False
         self.created = False
         self.close_reason: str | None = None
-        self.pending_chunks: deque[dict[str, Any]] = deque()
+        self.pending_chunks: deque[tuple[dict[str, Any], int]] = deque()  # (chunk, its frame's size)
         self.in_flight = 0
         self.chunks_answered = 0
         self.frames_warned = False
@@ -210,10 +215,11 @@ class RealtimeBridge:
         if frame.type == "session.init":
             await self._on_init(message)
         elif frame.type == "input.append":
-            await self._on_append(message)
+            await self._on_append(message, frame.size)
         elif frame.type == "session.close":
             self.close_reason = _close_reason(message)
             self.pending_chunks.clear()
+            self.pending_bytes = 0
             await self._send_to_worker({"type": "stop"})
         else:
             await self.channel.send_json(_warning("unknown_type", f"Unknown message type: {frame.type}"))
@@ -225,7 +231,13 @@ class RealtimeBridge:
         self.init_sent = True
         await self._send_to_worker(prepare_from_init(message))
 
-    async def _on_append(self, message: dict[str, Any]) -> None:
+    async def _on_append(self, message: dict[str, Any], size: int) -> None:
+        if len(self.pending_chunks) >= self.hold_messages or self.pending_bytes + size > self.hold_bytes:
+            self.close_reason = "queue_hold_overflow"  # nothing more is answered
+            self.pending_chunks.clear()
+            await self._fail("queue_hold_overflow", f"Too many input.append messages waiting for the worker "
+                             f"(limit {self.hold_messages} messages, {self.hold_bytes} bytes)", 1013)
+            return
         body = message.get("input") if isinstance(message.get("input"), dict) else {}
         fields = {**message, **body}
         chunk: dict[str, Any] = {"type": "audio_chunk"}
@@ -242,14 +254,16 @@ class RealtimeBridge:
             elif not self.frames_warned:
                 self.frames_warned = True
                 await self.channel.send_json(_warning("frames_ignored", "video_frames are ignored in mode=audio"))
-        self.pending_chunks.append(chunk)
+        self.pending_chunks.append((chunk, size))
+        self.pending_bytes += size
         await self._pump_chunks()
 
     async def _pump_chunks(self) -> None:
         """Hand queued chunks to the worker, keeping at most MAX_CHUNKS_IN_FLIGHT unanswered."""
         async with self._send_lock:
             while self.created and self.pending_chunks and self.in_flight < MAX_CHUNKS_IN_FLIGHT:
-                chunk = self.pending_chunks.popleft()
+                chunk, size = self.pending_chunks.popleft()
+                self.pending_bytes -= size
                 self.in_flight += 1
                 await self.link.send_json(chunk)
                 self.observer.to_worker(chunk)

@@ -12,7 +12,9 @@ session gets a directory `<recording.dir>/<UTC start>_<session id>/` holding
     session.json    who and when; rewritten at the end with the end reason and counts
 
 Only the newest `recording.retention_sessions` directories are kept: opening a session deletes the
-oldest beyond that. Undecodable audio or frames are skipped (the worker reports them to the client).
+oldest finished ones beyond that (a session still recording is never deleted). Undecodable audio or
+frames are skipped (the worker reports them to the client); a write that fails (a full disk) stops that
+session's recording, never the session.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import logging
 import shutil
 import time
 import wave
+from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -67,11 +71,34 @@ def _open_wav(path: Path, sample_rate: int) -> wave.Wave_write:
     return writer
 
 
-class SessionRecorder:
-    """Writes one session's directory. Every method is cheap and never raises on bad content."""
+Method = TypeVar("Method", bound=Callable[..., None])
 
-    def __init__(self, directory: Path, meta: dict[str, Any]) -> None:
+
+def _recording_step(method: Method) -> Method:
+    """Run a recorder method unless the recording already failed; a failed write ends the recording."""
+
+    @wraps(method)
+    def step(self: SessionRecorder, *args: Any) -> None:
+        if self.failed:
+            return
+        try:
+            method(self, *args)
+        except (OSError, ValueError):  # ValueError: a write to a file a failed step left closed
+            self.failed = True
+            log.exception("recording of %s stopped", self.directory.name)
+
+    return step  # type: ignore[return-value]
+
+
+class SessionRecorder:
+    """Writes one session's directory. Every method is cheap and never raises: not on bad content, and
+    not when the disk fails (the recording stops, `failed` says so)."""
+
+    def __init__(self, directory: Path, meta: dict[str, Any],
+                 on_close: Callable[[Path], None] | None = None) -> None:
         self.directory = directory
+        self.failed = False
+        self._on_close = on_close
         self.frames_dir = directory / "frames"
         self.frames_dir.mkdir(parents=True)
         self.meta = meta
@@ -86,6 +113,7 @@ class SessionRecorder:
         self._timeline = (directory / "timeline.jsonl").open("w", encoding="utf-8")
         self._write_meta()
 
+    @_recording_step
     def to_worker(self, message: dict[str, Any] | None) -> None:
         """A message the gateway sent to the worker; `audio_chunk`s are recorded."""
         if not message or message.get("type") != "audio_chunk":
@@ -104,6 +132,7 @@ class SessionRecorder:
                 (self.frames_dir / f"{chunk_index:06d}_{n}.jpg").write_bytes(jpeg)
                 self.frames += 1
 
+    @_recording_step
     def from_worker(self, message: dict[str, Any] | None) -> None:
         """A message the worker sent; each `result` adds its audio and a timeline line."""
         if not message or message.get("type") != "result":
@@ -121,6 +150,12 @@ class SessionRecorder:
 
     def close(self, reason: str) -> None:
         """Finish the files; `reason` says how the session ended."""
+        self._finish(reason)
+        if self._on_close is not None:
+            self._on_close(self.directory)
+
+    @_recording_step
+    def _finish(self, reason: str) -> None:
         self._input.close()
         self._output.close()
         self._timeline.close()
@@ -147,6 +182,7 @@ class RecordingStore:
         root = Path(config.dir)
         self.root = root if root.is_absolute() else base_dir / root
         self.retention = config.retention_sessions
+        self._recording: set[Path] = set()  # directories of sessions still running
 
     def open(self, session_id: str, kind: str, protocol: str, worker_url: str) -> SessionRecorder | None:
         """A recorder for a session that just got its worker; None when recording is off or fails."""
@@ -159,10 +195,12 @@ class RecordingStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self._prune(keep=self.retention - 1)
-            return SessionRecorder(directory, meta)
+            recorder = SessionRecorder(directory, meta, on_close=self._recording.discard)
         except OSError:
             log.exception("session %s: cannot record to %s", session_id, directory)
             return None
+        self._recording.add(directory)
+        return recorder
 
     def sessions(self) -> list[Path]:
         """Recorded session directories, oldest first (names start with the UTC start time)."""
@@ -171,6 +209,11 @@ class RecordingStore:
         return sorted(path for path in self.root.iterdir() if path.is_dir())
 
     def _prune(self, keep: int) -> None:
+        """Delete the oldest finished recordings until at most `keep` directories remain (or only live ones)."""
         sessions = self.sessions()
-        for old in sessions[: max(0, len(sessions) - keep)]:
+        excess = len(sessions) - keep
+        for old in (path for path in sessions if path not in self._recording):
+            if excess <= 0:
+                break
             shutil.rmtree(old, ignore_errors=True)
+            excess -= 1

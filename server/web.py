@@ -26,8 +26,12 @@ def web_router(static_dir: Path = STATIC_DIR) -> APIRouter:
 
     @router.get("/static/{file_path:path}", include_in_schema=False)
     def static_file(file_path: str) -> FileResponse:
-        path = (root / file_path).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
+        try:
+            path = (root / file_path).resolve()
+            found = path.is_relative_to(root) and path.is_file()
+        except (OSError, ValueError):  # a NUL byte, a name too long for the file system
+            found = False
+        if not found:
             raise HTTPException(status_code=404, detail="not found")
         return FileResponse(path, headers=NO_CACHE)
 

@@ -33,6 +33,12 @@ def test_open_routes_need_no_key(client: TestClient) -> None:
     assert client.get("/static/app.js").status_code == 200
 
 
+@pytest.mark.parametrize("name", ["%00", "x" * 5000, "..%2F..%2Fetc%2Fpasswd", "missing.js"],
+                         ids=["nul", "too-long", "traversal", "missing"])
+def test_static_files_that_cannot_exist_are_404(client: TestClient, name: str) -> None:
+    assert client.get(f"/static/{name}").status_code == 404
+
+
 @pytest.mark.parametrize("path", PROTECTED)
 def test_protected_routes_answer_401_without_a_valid_key(client: TestClient, path: str) -> None:
     assert client.get(path).status_code == 401

@@ -395,6 +395,18 @@ def _warning(frame: dict, code: str) -> None:
     assert frame["type"] == "session.warning" and frame["code"] == code and frame["message"], frame
 
 
+async def test_realtime_appends_before_session_created_are_bounded(idle, clip):
+    """PROTOCOL.md §2.2: appends before session.created are held as in §1.9 rule 2 (64 messages here)."""
+    ws = await websockets.connect(f"{idle.ws}/v1/realtime?mode=audio", max_size=MAX_MESSAGE_BYTES)
+    assert (await recv_json(ws))["type"] == "session.queue_done"
+    append = {"type": "input.append", "input": {"audio": b64_pcm(np.zeros(1600, dtype=np.float32))}}
+    for _ in range(65):  # no session.init: nothing is ever created
+        await send_json(ws, append)
+    frames = await expect_close(ws, 1013)
+    assert frames[0]["type"] == "error" and frames[0]["error"]["code"] == "queue_hold_overflow", frames
+    wait_idle(idle)
+
+
 async def test_realtime_bad_inputs_become_warnings(idle, clip):
     ws = await websockets.connect(f"{idle.ws}/v1/realtime?mode=audio", max_size=MAX_MESSAGE_BYTES)
     assert (await recv_json(ws))["type"] == "session.queue_done"

@@ -33,8 +33,9 @@ async def test_queue_positions_eta_and_limit():
     first = queue.push("a", "omni_duplex")
     second = queue.push("adx_b", "audio_duplex")
     third = queue.push("c", "omni_duplex")
-    with pytest.raises(QueueFull, match=r"Queue full \(3 requests\)"):
-        queue.push("d", "omni_duplex")
+    fourth = queue.push("d", "omni_duplex")
+    assert [queue.over_limit(t) for t in (first, second, third, fourth)] == [False, False, False, True]
+    assert queue.remove(fourth) is True
     assert [queue.position(t) for t in (first, second, third)] == [1, 2, 3]
     assert first.ticket_id.startswith("q_") and len(first.ticket_id) == 14
     # one running session with 30 s left, one slot: wait = 30 + sessions ahead
@@ -70,6 +71,17 @@ async def test_slot_is_freed_only_by_a_fresh_idle_report_from_the_worker():
     pool._confirm_releases(worker, ready, asked_at=closed_at + 0.03)
     pool._dispatch()
     assert second.assigned.result().session_id == "s2" and worker.state == "busy"
+
+
+async def test_a_queue_of_size_zero_admits_while_a_slot_is_free():
+    pool = WorkerPool(["127.0.0.1:1"], capacity=1, max_queue_size=0, health_poll_s=1.0, dead_after_s=5.0)
+    worker = pool.workers[0]
+    worker.offline = False
+    worker.health = {"status": "healthy", "model_loaded": True, "worker_status": "idle", "current_session_id": None}
+    assert pool.request("s1", "omni_duplex").assigned.result().session_id == "s1"
+    with pytest.raises(QueueFull, match=r"Queue full \(0 requests\)"):
+        pool.request("s2", "omni_duplex")  # it would have to wait
+    assert len(pool.queue) == 0
 
 
 def test_session_id_sanitised_and_typed():
