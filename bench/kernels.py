@@ -36,6 +36,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -150,6 +151,8 @@ def decode_fusion_cases(device: torch.device) -> list[Case]:
         gate_up = torch.randn(1, 1, 2 * args.ffn, device=device, dtype=DTYPE)
         for kernel, rows, cols, fused, reference, x_in, extra in (
             ("gemv_norm", qkv_rows, args.hidden, gemv_op, gemv_reference, x, (norm, EPS)),
+            ("gemv_norm_in_loop", qkv_rows, args.hidden, partial(gemv_op, norm_in_loop=True), gemv_reference, x,
+             (norm, EPS)),
             ("gemv_residual", args.hidden, args.heads * args.head_dim, gemv_op, gemv_reference,
              torch.randn(1, 1, args.heads * args.head_dim, device=device, dtype=DTYPE), (None, 0.0, residual)),
             ("swiglu_gemv_residual", args.hidden, args.ffn, swiglu_gemv_op, swiglu_gemv_reference, gate_up,
@@ -159,11 +162,6 @@ def decode_fusion_cases(device: torch.device) -> list[Case]:
             calls = [_cycling(lambda x, w, fn=fn, extra=extra: fn(x, w, *extra), x_in, weights)
                      for fn in (fused, reference)]
             cases.append(Case(kernel, model, rows, cols, *calls, (), weights[0].numel() * weights[0].element_size()))
-        weights = _weight_copies(torch.randn(qkv_rows, args.hidden, device=device, dtype=DTYPE) / args.hidden**0.5)
-        one_pass = _cycling(lambda x, w, norm=norm: gemv_op(x, w, norm, EPS, None, True), x, weights)
-        reference = _cycling(lambda x, w, norm=norm: gemv_reference(x, w, norm, EPS), x, weights)
-        cases.append(Case("gemv_norm_in_loop", model, qkv_rows, args.hidden, one_pass, reference, (),
-                          weights[0].numel() * weights[0].element_size()))
         head_dim, kv_heads = args.head_dim, args.kv_heads
         qkv = torch.randn(1, 1, qkv_rows, device=device, dtype=DTYPE)
         qk_norm = model == "llm"  # Qwen3 normalises q and k; the TTS backbone does not

@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.config import LimitsConfig
 from server.channels import ClientChannel, ClientFrame
 from server.metrics import GatewayMetrics
 from server.pool import Assignment, NoWorker, WorkerPool
@@ -31,6 +32,26 @@ class Refused(Exception):
         self.code = code
         self.message = message
         self.close_code = close_code
+
+
+@dataclass(frozen=True)
+class HoldLimits:
+    """How much a client may send before its messages can go to a worker (PROTOCOL.md §1.9 rule 2): config
+    `service.limits.queue_hold_messages` and `queue_hold_bytes`."""
+
+    messages: int
+    bytes: int
+
+    @classmethod
+    def of(cls, limits: LimitsConfig) -> HoldLimits:
+        return cls(limits.queue_hold_messages, limits.queue_hold_bytes)
+
+    def check(self, count: int, size: int, what: str) -> None:
+        """Raise Refused `queue_hold_overflow` when `count` held messages of `size` bytes in all exceed the
+        limits; `what` names them in the message."""
+        if count > self.messages or size > self.bytes:
+            raise Refused("queue_hold_overflow",
+                          f"Too many {what} (limit {self.messages} messages, {self.bytes} bytes)")
 
 
 class CancelledByClient(Exception):
@@ -71,8 +92,7 @@ async def admit(
     vocabulary: QueueVocabulary,
     metrics: GatewayMetrics,
     *,
-    hold_messages: int,
-    hold_bytes: int,
+    hold: HoldLimits,
     enabled_types: Collection[SessionKind],
 ) -> Admission:
     """Wait for a worker slot; on success `queue_done` has been sent.
@@ -91,7 +111,7 @@ async def admit(
         raise Refused("no_worker", str(exc)) from exc
     metrics.session_queued(kind, vocabulary.protocol)
     try:
-        held = await _wait_for_slot(pool, channel, ticket, vocabulary, hold_messages, hold_bytes)
+        held = await _wait_for_slot(pool, channel, ticket, vocabulary, hold)
     except BaseException:
         metrics.session_left_queue(kind, vocabulary.protocol, None)
         raise
@@ -105,8 +125,7 @@ async def _wait_for_slot(
     channel: ClientChannel,
     ticket: Ticket,
     vocabulary: QueueVocabulary,
-    hold_messages: int,
-    hold_bytes: int,
+    hold: HoldLimits,
 ) -> list[ClientFrame]:
     """Queue messages and held frames until the ticket has a slot; returns the held frames."""
     held: list[ClientFrame] = []
@@ -135,12 +154,7 @@ async def _wait_for_slot(
                         continue
                     held.append(frame)
                     held_bytes += frame.size
-                    if len(held) > hold_messages or held_bytes > hold_bytes:
-                        raise Refused(
-                            "queue_hold_overflow",
-                            f"Too many messages sent while queued (limit {hold_messages} messages, "
-                            f"{hold_bytes} bytes)",
-                        )
+                    hold.check(len(held), held_bytes, "messages sent while queued")
                 elif loop.time() >= next_update:
                     await channel.send_json(vocabulary.update(pool.queue_view(ticket)))
                     next_update = loop.time() + QUEUE_UPDATE_INTERVAL_S

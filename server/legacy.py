@@ -19,7 +19,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket
 
-from server.admission import CancelledByClient, ClientLeft, QueueVocabulary, Refused, admit
+from server.admission import CancelledByClient, ClientLeft, HoldLimits, QueueVocabulary, Refused, admit
 from server.auth import reject_websocket
 from server.channels import ClientChannel, ClientFrame, WorkerGone, WorkerLink
 from server.observer import SessionObserver
@@ -71,8 +71,7 @@ async def serve_legacy(websocket: WebSocket, raw_session_id: str, state: Gateway
     try:
         admission = await admit(
             state.pool, channel, session_id, session_kind(session_id), VOCABULARY, state.metrics,
-            hold_messages=limits.queue_hold_messages, hold_bytes=limits.queue_hold_bytes,
-            enabled_types=state.config.service.session_types,
+            hold=HoldLimits.of(limits), enabled_types=state.config.service.session_types,
         )
     except Refused as exc:
         state.metrics.error(exc.code)

@@ -24,7 +24,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket
 
-from server.admission import CancelledByClient, ClientLeft, QueueVocabulary, Refused, admit
+from server.admission import CancelledByClient, ClientLeft, HoldLimits, QueueVocabulary, Refused, admit
 from server.auth import reject_websocket
 from server.channels import ClientChannel, ClientFrame, WorkerGone, WorkerLink
 from server.metrics import GatewayMetrics
@@ -95,8 +95,7 @@ async def serve_realtime(websocket: WebSocket, state: GatewayState) -> None:
     try:
         admission = await admit(
             state.pool, channel, session_id, MODES[mode], VOCABULARY, metrics,
-            hold_messages=limits.queue_hold_messages, hold_bytes=limits.queue_hold_bytes,
-            enabled_types=state.config.service.session_types,
+            hold=HoldLimits.of(limits), enabled_types=state.config.service.session_types,
         )
     except Refused as exc:
         metrics.error(exc.code)
@@ -122,8 +121,7 @@ async def serve_realtime(websocket: WebSocket, state: GatewayState) -> None:
         metrics.error("worker_failed")
         await _fail(channel, "worker_failed", "The worker serving this session failed", 1011)
         return
-    bridge = RealtimeBridge(channel, link, session_id, mode, observer, metrics,
-                            hold_limits=(limits.queue_hold_messages, limits.queue_hold_bytes))
+    bridge = RealtimeBridge(channel, link, session_id, mode, observer, metrics, HoldLimits.of(limits))
     try:
         await bridge.run(assignment, admission.held)
     finally:
@@ -142,11 +140,11 @@ class RealtimeBridge:
     """Translation state of one realtime session once it has a worker."""
 
     def __init__(self, channel: ClientChannel, link: WorkerLink, session_id: str, mode: str,
-                 observer: SessionObserver, metrics: GatewayMetrics, hold_limits: tuple[int, int]) -> None:
+                 observer: SessionObserver, metrics: GatewayMetrics, hold: HoldLimits) -> None:
         self.channel = channel
-        # Appends wait here before session.created and while MAX_CHUNKS_IN_FLIGHT are unanswered; the
-        # queue's hold limits (messages, bytes; PROTOCOL.md §1.9 rule 2) bound them.
-        self.hold_messages, self.hold_bytes = hold_limits
+        # Appends wait in pending_chunks before session.created and while MAX_CHUNKS_IN_FLIGHT are
+        # unanswered; the queue's hold limits bound them.
+        self.hold = hold
         self.pending_bytes = 0
         self.link = link
         self.session_id = session_id
@@ -232,11 +230,13 @@ class RealtimeBridge:
         await self._send_to_worker(prepare_from_init(message))
 
     async def _on_append(self, message: dict[str, Any], size: int) -> None:
-        if len(self.pending_chunks) >= self.hold_messages or self.pending_bytes + size > self.hold_bytes:
-            self.close_reason = "queue_hold_overflow"  # nothing more is answered
+        try:
+            self.hold.check(len(self.pending_chunks) + 1, self.pending_bytes + size,
+                            "input.append messages waiting for the worker")
+        except Refused as exc:
+            self.close_reason = exc.code  # nothing more is answered
             self.pending_chunks.clear()
-            await self._fail("queue_hold_overflow", f"Too many input.append messages waiting for the worker "
-                             f"(limit {self.hold_messages} messages, {self.hold_bytes} bytes)", 1013)
+            await self._fail(exc.code, exc.message, exc.close_code)
             return
         body = message.get("input") if isinstance(message.get("input"), dict) else {}
         fields = {**message, **body}

@@ -16,8 +16,9 @@ Two more fusions remove the small kernels between the products of a decoder laye
   `NORM_IN_LOOP` is the one-pass variant: the squares are summed in the product's own loop, the tiles are
   multiplied by the norm weight only, and the row's 1/rms scales the finished sums. It reads x once and
   starts the weight stream at once, but skips the rounding of the normalised row that the unfused path
-  does. `gemv()` in workers/kernels/__init__.py chooses it where the `GEMV_NORM_IN_LOOP` switch is on (off: an experiment
-  until a GPU measures it; if it is faster and both GPU proofs pass, it replaces the two-pass prologue);
+  does. `gemv()` in workers/kernels/__init__.py chooses it where the `GEMV_NORM_IN_LOOP` switch is on
+  (off: an experiment until a GPU measures it; if it is faster and both GPU proofs pass, it replaces the
+  two-pass prologue);
 - `RESIDUAL` (epilogue): out = residual + x @ weight.T, the product rounded to the output dtype before the
   add, as the unfused `residual + linear(x)` rounds it.
 """
@@ -125,7 +126,8 @@ if triton is not None:
         tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def gemv_config(n_rows: int, n_cols: int, norm: bool = False, norm_in_loop: bool = False) -> tuple[int, int, int]:
+def gemv_config(n_rows: int, n_cols: int, norm: bool = False,
+                norm_in_loop: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for a weight of n_rows x n_cols, with or without the norm prologue
     (two-pass, or one-pass with `norm_in_loop`)."""
     if norm and not norm_in_loop:
@@ -135,10 +137,11 @@ def gemv_config(n_rows: int, n_cols: int, norm: bool = False, norm_in_loop: bool
 
 def launch_gemv(x: torch.Tensor, weight: torch.Tensor, swiglu: bool,
                 config: tuple[int, int, int] | None = None, norm_weight: torch.Tensor | None = None,
-                eps: float = 0.0, residual: torch.Tensor | None = None, norm_in_loop: bool = False) -> torch.Tensor:
+                eps: float = 0.0, residual: torch.Tensor | None = None,
+                norm_in_loop: bool = False) -> torch.Tensor:
     """Run the kernel on one contiguous row x ([K], or [2K] with `swiglu`), optionally with the RMSNorm
-    prologue (`norm_weight` [K], not with `swiglu`; one-pass with `norm_in_loop`) and the residual epilogue (`residual` [N], contiguous); returns [N] in
-    x.dtype."""
+    prologue (`norm_weight` [K], not with `swiglu`; one-pass with `norm_in_loop`) and the residual epilogue
+    (`residual` [N], contiguous); returns [N] in x.dtype."""
     n_rows, n_cols = weight.shape
     norm = norm_weight is not None
     block_n, block_k, num_warps = config or gemv_config(n_rows, n_cols, norm, norm_in_loop)
@@ -165,7 +168,8 @@ def _gemv_triton(x: torch.Tensor, weight: torch.Tensor, swiglu: bool, norm_weigh
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     out = launch_gemv(_contiguous_row(x), weight, swiglu, norm_weight=norm_weight, eps=eps,
-                      residual=None if residual is None else _contiguous_row(residual), norm_in_loop=norm_in_loop)
+                      residual=None if residual is None else _contiguous_row(residual),
+                      norm_in_loop=norm_in_loop)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -182,7 +186,8 @@ def gemv_op(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | N
 
 @gemv_op.register_fake
 def _gemv_fake(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
-               eps: float = 0.0, residual: torch.Tensor | None = None, norm_in_loop: bool = False) -> torch.Tensor:
+               eps: float = 0.0, residual: torch.Tensor | None = None,
+               norm_in_loop: bool = False) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
