@@ -6,20 +6,18 @@
 # Steps, in order: precompile_cold (a worker start after emptying the compile caches: the cold
 # compile time), precompile_warm (the same start again: the warm start time), Triton kernel tests
 # (native), CUDA-graph equality tests (token2wav, vision, audio unit, a whole fast session), decoder step
-# benchmark (with and without the decode-step kernels, without the decode fusion, and with its one-pass norm
-# prologue), fast-vs-eager layer-by-layer tests, the fp32
-# whole-session greedy token equality, kernel micro-benchmark, GEMV config sweep, the fast-mode component
-# profile, and the duplex benchmark of all modes. Every step runs under its own time limit, logs its wall time
-# and exit code to $OUT/summary.txt, and the suite goes on after a failure. Results and logs go to $OUT
-# (default bench/results/gpu_suite). The device tool allows 10 minutes per command: run the suite in a
-# few calls made back to back (the machine and its compile cache stay warm), e.g.
+# benchmark (with and without the decode-step kernels, and without the decode fusion), fast-vs-eager
+# layer-by-layer tests, the fp32 whole-session greedy token equality, kernel micro-benchmark, GEMV config
+# sweep, the fast-mode component profile, and the duplex benchmark of all modes. Every step runs under its
+# own time limit, logs its wall time and exit code to $OUT/summary.txt, and the suite goes on after a
+# failure. Results and logs go to $OUT (default bench/results/gpu_suite). The device tool allows 10
+# minutes per command: run the suite in a few calls made back to back (the machine and its compile cache
+# stay warm), e.g.
 #   SUITE_STEPS="precompile_cold precompile_warm graph_tests kernels_test"
 #   SUITE_STEPS="fast_equivalence"
 #   SUITE_STEPS="session_equivalence"   (one eager and two fast fp32 sessions: 2-3 minutes on an H200)
 #   SUITE_STEPS="gemv_sweep kernels_bench profile"
 #   SUITE_STEPS="duplex"
-# The one-pass norm prologue of the decode fusion (OMNI_TRITON_GEMV_NORM_IN_LOOP, off) is proven by the same
-# tests with it on: OMNI_TRITON_GEMV_NORM_IN_LOOP=1 SUITE_STEPS="fast_equivalence session_equivalence".
 #
 # Environment:
 #   OUT               where results and logs go
@@ -30,8 +28,10 @@
 #   SUITE_BUDGET_S    the whole suite's time (seconds): a step gets at most what is left of it, less a
 #                     margin for packing the logs, and is skipped when too little is left
 #   DECODE_MODES      the decoder step benchmark's modes (default eager,compile-default,fast)
-#   DECODE_VARIANTS   the fast-mode variants the decode_steps step runs after it (default all:
-#                     gemv_norm_in_loop without_decode_kernels without_decode_fusion)
+#   DECODE_VARIANTS   the fast-mode variants the decode_steps step runs after it (default both:
+#                     without_decode_kernels without_decode_fusion)
+#   KERNELS_BENCH_KERNELS   the kernels_bench step's kernels, comma-separated (default all; the whole
+#                     table does not fit one call: `python -m bench.kernels --help` names them)
 #   DUPLEX_MODES, DUPLEX_UNITS, DUPLEX_WARMUP_UNITS   the duplex benchmark's modes and unit counts
 #   PYTHON            interpreter (default python3)
 set -u
@@ -49,7 +49,7 @@ mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
 export TORCH_LOGS=${TORCH_LOGS:-perf_hints}
 
 wanted() { [[ " $SUITE_STEPS " == *" $1 "* ]]; }
-DECODE_VARIANTS=${DECODE_VARIANTS:-gemv_norm_in_loop without_decode_kernels without_decode_fusion}
+DECODE_VARIANTS=${DECODE_VARIANTS:-without_decode_kernels without_decode_fusion}
 variant() { [[ " $DECODE_VARIANTS " == *" $1 "* ]]; }
 
 # step NAME LIMIT_S COMMAND...: stdout to $OUT/NAME.out, stderr to $OUT/NAME.log.
@@ -100,11 +100,6 @@ fi
 if wanted decode_steps; then
     step decode_steps 900 "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --json \
         --modes "${DECODE_MODES:-eager,compile-default,fast}" --out "$OUT/decode_steps.json"
-    # fast mode with the fusion's RMSNorm prologue in one pass (an experiment, off by default); it runs
-    # right after the default, so a suite budget cut drops the variants earlier runs have measured
-    variant gemv_norm_in_loop && OMNI_TRITON_GEMV_NORM_IN_LOOP=1 step decode_steps_gemv_norm_in_loop 600 \
-        "$PYTHON" -m bench.decode_steps --preset minicpm-o-4.5 --modes fast --json \
-        --out "$OUT/decode_steps_gemv_norm_in_loop.json"
     # fast mode without the decode-step kernels (GEMV, split-KV attention): what they are worth
     variant without_decode_kernels && OMNI_TRITON_GEMV=0 OMNI_TRITON_DECODE_ATTENTION=0 \
         step decode_steps_without_decode_kernels 600 \
@@ -125,7 +120,8 @@ if wanted session_equivalence; then
         tests/test_session_equivalence.py
 fi
 if wanted kernels_bench; then
-    step kernels_bench 420 "$PYTHON" -m bench.kernels --out "$OUT/kernels.json"
+    step kernels_bench 420 "$PYTHON" -m bench.kernels --out "$OUT/kernels.json" \
+        ${KERNELS_BENCH_KERNELS:+--kernels "$KERNELS_BENCH_KERNELS"}
 fi
 if wanted gemv_sweep; then
     step gemv_sweep 300 "$PYTHON" -m bench.kernels --sweep-gemv --out "$OUT/gemv_sweep.json"

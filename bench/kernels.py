@@ -3,6 +3,7 @@
     python -m bench.kernels            # markdown table
     python -m bench.kernels --json     # one JSON object on stdout
     python -m bench.kernels --out bench/results/kernels.json
+    python -m bench.kernels --kernels gemv,swiglu_gemv   # only these kernels' rows
 
 Shapes come from the presets: LLM (hidden 4096, ffn 12288) and TTS (hidden 768, ffn 3072) at 1, 64
 and 1024 rows, bfloat16; decode attention (one query position over a cache slot, all keys visible) at
@@ -17,15 +18,14 @@ The single-row products (`gemv`, `swiglu_gemv`) run at the decode-step weight sh
 step, their weights come from memory, not from the 50 MB L2 cache: successive calls cycle through
 copies of the weight that together exceed COLD_BYTES.
 The decode fusion's kernels (`compile.decode_fusion`) run at the model shapes too: the q/k/v GEMV with
-its RMSNorm prologue (two-pass, `gemv_norm`, and one-pass, `gemv_norm_in_loop`), the o and down GEMVs
-with their residual epilogue, and the attention prologue `qk_norm_rope_cache` (`rows` = heads + 2 x
-kv_heads, `cols` = head_dim).
+its RMSNorm prologue, the o and down GEMVs with their residual epilogue, and the attention prologue
+`qk_norm_rope_cache` (`rows` = heads + 2 x kv_heads, `cols` = head_dim).
 `--sweep-gemv` times, instead of the table, every (BLOCK_N, BLOCK_K, num_warps) of a grid at each GEMV
-shape, and with the norm prologue (`gemv_norm`, `gemv_norm_in_loop`) at the q/k/v and gate/up shapes, and
-reports the fastest (what `workers/kernels/gemv.py` GEMV_CONFIGS and NORM_CONFIGS should hold; the
-one-pass rows say whether GEMV_CONFIGS, which that variant takes, suit it too); with `--out` the report
-is rewritten after every shape (the table's after every case), so a run cut short keeps what it
-finished.
+shape, and with the norm prologue (`gemv_norm`) at the q/k/v and gate/up shapes, and reports the fastest
+(what `workers/kernels/gemv.py` GEMV_CONFIGS and NORM_CONFIGS should hold); with `--out` the
+report is rewritten after every shape (the table's after every case), so a run cut short keeps what it
+finished. The whole table does not fit one 10-minute device call (its first six cases took 231 s on an
+H100; each case compiles its reference afresh): `--kernels` runs the rows of the named kernels only.
 Needs CUDA; elsewhere it prints {"skipped": ...} and exits 0.
 """
 
@@ -34,9 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -63,6 +62,9 @@ from workers.kernels.swiglu import silu_mul_op
 from workers.model.presets import LLMArgs, TTSArgs
 
 ROWS = (1, 64, 1024)
+# The table's kernels, in the order they run: the decode-step kernels first, the norms last.
+KERNEL_NAMES = ("decode_attention", "gemv", "swiglu_gemv", "gemv_norm", "gemv_residual", "swiglu_gemv_residual",
+                "qk_norm_rope_cache", "rms_norm", "add_rms_norm", "silu_mul")
 DECODE_KV_LENS = (512, 2048, 8192)
 EPS = 1e-6
 DTYPE = torch.bfloat16
@@ -94,8 +96,9 @@ def gemv_shapes() -> list[tuple[str, str, int, int]]:
     return shapes
 
 
-def build_cases(device: torch.device) -> list[Case]:
-    """All kernel x model x rows combinations with random bf16 inputs on `device`."""
+def build_cases(device: torch.device, kernels: Collection[str] = KERNEL_NAMES) -> list[Case]:
+    """The kernel x model x rows combinations of `kernels` with random bf16 inputs on `device` (the
+    products' weight copies only for the kernels asked for)."""
     cases = []
     for model, args in {"llm": LLMArgs(), "tts": TTSArgs()}.items():
         groups = args.heads // args.kv_heads
@@ -108,6 +111,8 @@ def build_cases(device: torch.device) -> list[Case]:
             cases.append(Case("decode_attention", model, kv_len, args.head_dim, decode_attention_op,
                               decode_attention_reference, inputs))
     for kernel, model, rows, cols in gemv_shapes():
+        if kernel not in kernels:
+            continue
         weight = torch.randn(rows, cols, device=device, dtype=DTYPE) / cols**0.5
         width = 2 * cols if kernel == "swiglu_gemv" else cols
         x = torch.randn(1, 1, width, device=device, dtype=DTYPE)
@@ -116,7 +121,8 @@ def build_cases(device: torch.device) -> list[Case]:
         cases.append(Case(kernel, model, rows, cols, *(_cycling(fn, x, weights) for fn in fns), (),
                           weight.numel() * weight.element_size()))
     # The decode-step kernels first, the norms last: a run cut short keeps what no earlier run measured.
-    return cases + decode_fusion_cases(device) + norm_cases(device)
+    cases += decode_fusion_cases(device, kernels) + norm_cases(device)
+    return [case for case in cases if case.kernel in kernels]
 
 
 def norm_cases(device: torch.device) -> list[Case]:
@@ -139,10 +145,11 @@ def norm_cases(device: torch.device) -> list[Case]:
     return cases
 
 
-def decode_fusion_cases(device: torch.device) -> list[Case]:
-    """The decode fusion's kernels at the model shapes: the q/k/v product with its RMSNorm prologue (both
-    variants), the output projection and down projection with their residual epilogue, and the attention
-    prologue (q/k norm + RoPE + K/V write into slot 1 of a 2-slot cache of 8192 positions)."""
+def decode_fusion_cases(device: torch.device, kernels: Collection[str] = KERNEL_NAMES) -> list[Case]:
+    """The decode fusion's kernels at the model shapes: the q/k/v product with its RMSNorm prologue, the
+    output projection and down projection with their residual epilogue, and the attention prologue
+    (q/k norm + RoPE + K/V write into slot 1 of a 2-slot cache of 8192 positions); the products only where
+    `kernels` names them."""
     cases = []
     for model, args in {"llm": LLMArgs(), "tts": TTSArgs()}.items():
         qkv_rows = (args.heads + 2 * args.kv_heads) * args.head_dim
@@ -151,13 +158,13 @@ def decode_fusion_cases(device: torch.device) -> list[Case]:
         gate_up = torch.randn(1, 1, 2 * args.ffn, device=device, dtype=DTYPE)
         for kernel, rows, cols, fused, reference, x_in, extra in (
             ("gemv_norm", qkv_rows, args.hidden, gemv_op, gemv_reference, x, (norm, EPS)),
-            ("gemv_norm_in_loop", qkv_rows, args.hidden, partial(gemv_op, norm_in_loop=True), gemv_reference, x,
-             (norm, EPS)),
             ("gemv_residual", args.hidden, args.heads * args.head_dim, gemv_op, gemv_reference,
              torch.randn(1, 1, args.heads * args.head_dim, device=device, dtype=DTYPE), (None, 0.0, residual)),
             ("swiglu_gemv_residual", args.hidden, args.ffn, swiglu_gemv_op, swiglu_gemv_reference, gate_up,
              (residual,)),
         ):
+            if kernel not in kernels:
+                continue
             weights = _weight_copies(torch.randn(rows, cols, device=device, dtype=DTYPE) / cols**0.5)
             calls = [_cycling(lambda x, w, fn=fn, extra=extra: fn(x, w, *extra), x_in, weights)
                      for fn in (fused, reference)]
@@ -205,19 +212,16 @@ def sweep_gemv(device: torch.device, report: Callable[[list[dict[str, object]]],
 
     results: list[dict[str, object]] = []
     # The norm prologue's own rows: the products a fused decode step feeds a normed row (q/k/v, gate/up).
-    norm_shapes = [(variant, model, rows, cols) for kernel, model, rows, cols in gemv_shapes()
-                   if kernel == "gemv" and rows > cols and rows not in (LLMArgs().vocab, TTSArgs().num_audio_tokens)
-                   for variant in ("gemv_norm", "gemv_norm_in_loop")]
+    norm_shapes = [("gemv_norm", model, rows, cols) for kernel, model, rows, cols in gemv_shapes()
+                   if kernel == "gemv" and rows > cols and rows not in (LLMArgs().vocab, TTSArgs().num_audio_tokens)]
     for kernel, model, rows, cols in gemv_shapes() + norm_shapes:
         weight = torch.randn(rows, cols, device=device, dtype=DTYPE)
         x = torch.randn((2 if kernel == "swiglu_gemv" else 1) * cols, device=device, dtype=DTYPE)
         swiglu, weights, timings = kernel == "swiglu_gemv", _weight_copies(weight), {}
-        norm = torch.randn(cols, device=device, dtype=DTYPE) if kernel.startswith("gemv_norm") else None
-        in_loop = kernel == "gemv_norm_in_loop"
+        norm = torch.randn(cols, device=device, dtype=DTYPE) if kernel == "gemv_norm" else None
         for config in GEMV_SWEEP:
-            call = _cycling(lambda x, w, swiglu=swiglu, config=config, norm=norm, in_loop=in_loop:
-                            launch_gemv(x, w, swiglu, config, norm_weight=norm, eps=EPS, norm_in_loop=in_loop),
-                            x, weights)
+            call = _cycling(lambda x, w, swiglu=swiglu, config=config, norm=norm:
+                            launch_gemv(x, w, swiglu, config, norm_weight=norm, eps=EPS), x, weights)
             call()
             timings[config] = 1000.0 * do_bench_cudagraph(call, rep=SWEEP_REP_MS, return_mode="median")
         best = min(timings, key=timings.get)
@@ -272,8 +276,9 @@ def measure(case: Case) -> dict[str, object]:
     return result
 
 
-def run(sweep: bool = False, write: Callable[[dict[str, object]], None] | None = None) -> dict[str, object]:
-    """The whole benchmark (or, with `sweep`, the GEMV config sweep) as one JSON-ready dict, or
+def run(sweep: bool = False, write: Callable[[dict[str, object]], None] | None = None,
+        kernels: Collection[str] = KERNEL_NAMES) -> dict[str, object]:
+    """The table of `kernels` (or, with `sweep`, the GEMV config sweep) as one JSON-ready dict, or
     {"skipped": reason} without CUDA + Triton. `write` gets the report so far after every case (every
     shape of the sweep)."""
     if not torch.cuda.is_available():
@@ -294,7 +299,7 @@ def run(sweep: bool = False, write: Callable[[dict[str, object]], None] | None =
     else:
         results: list[dict[str, object]] = []
         report["results"] = results
-        for case in build_cases(device):
+        for case in build_cases(device, kernels):
             results.append(measure(case))
             write(report)
     return report
@@ -327,12 +332,22 @@ def markdown_table(report: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def _kernel_names(value: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = sorted(set(names) - set(KERNEL_NAMES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown kernel(s) {unknown}; choose from {', '.join(KERNEL_NAMES)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
     parser.add_argument("--sweep-gemv", action="store_true",
                         help="time the GEMV kernel's config grid instead of the kernel table")
+    parser.add_argument("--kernels", type=_kernel_names, default=KERNEL_NAMES,
+                        help=f"comma-separated kernels of the table (default all: {','.join(KERNEL_NAMES)})")
     args = parser.parse_args(argv)
 
     def write(report: dict[str, object]) -> None:
@@ -340,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=2) + "\n")
 
-    report = run(args.sweep_gemv, write)
+    report = run(args.sweep_gemv, write, args.kernels)
     write(report)
     if args.json or "skipped" in report:
         print(json.dumps(report))

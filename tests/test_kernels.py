@@ -7,7 +7,6 @@ JSON verdict per case; this process never sees the interpreter. On CUDA the same
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -30,8 +29,6 @@ from workers.kernels.swiglu import silu_mul_op
 from workers.model.layers import linear
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# The module itself: `workers.kernels.gemv` as an attribute is the public function of that name.
-gemv_module = importlib.import_module("workers.kernels.gemv")
 EPS = 1e-6
 TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 5e-2}
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -91,8 +88,7 @@ GEMV_INTERPRETER_CASES = [
 ] + [
     # The fused prologue (RMSNorm of x) and epilogue (residual add) of a decode step's products.
     KernelCase(kernel, shape, dtype)
-    for kernel in ("gemv_norm", "gemv_residual", "gemv_norm_residual", "swiglu_gemv_residual",
-                   "gemv_norm_in_loop", "gemv_norm_residual_in_loop")
+    for kernel in ("gemv_norm", "gemv_residual", "gemv_norm_residual", "swiglu_gemv_residual")
     for shape in ((13, 100), (64, 768))
     for dtype in TOLERANCE
 ]
@@ -137,8 +133,7 @@ CUDA_CASES = (
     + [KernelCase("gemv", shape, "bfloat16") for shape in GEMV_MODEL_SHAPES]
     + [KernelCase("swiglu_gemv", shape, "bfloat16") for shape in SWIGLU_GEMV_MODEL_SHAPES]
     # as the fused decode step uses them: norm into q/k/v and gate/up, residual into o and down
-    + [KernelCase(kernel, shape, "bfloat16") for kernel in ("gemv_norm", "gemv_norm_in_loop")
-       for shape in ((6144, 4096), (24576, 4096), (2304, 768), (6144, 768))]
+    + [KernelCase("gemv_norm", shape, "bfloat16") for shape in ((6144, 4096), (24576, 4096), (2304, 768), (6144, 768))]
     + [KernelCase("gemv_residual", shape, "bfloat16") for shape in ((4096, 4096), (768, 768))]
     + [KernelCase("swiglu_gemv_residual", shape, "bfloat16") for shape in SWIGLU_GEMV_MODEL_SHAPES]
 )
@@ -198,8 +193,7 @@ def check_case(case: KernelCase, device: str) -> str | None:
 
 def _check_gemv(case: KernelCase, device: str) -> str | None:
     """One row against a weight of case.shape scaled so outputs are O(1) (the tolerance is absolute);
-    `_norm` / `_residual` in the kernel name add the RMSNorm prologue / residual epilogue, `_in_loop`
-    runs the prologue in one pass (`GEMV_NORM_IN_LOOP`)."""
+    `_norm` / `_residual` in the kernel name add the RMSNorm prologue / residual epilogue."""
     dtype = getattr(torch, case.dtype)
     rows, cols = case.shape
     weight = (torch.randn(rows, cols, device=device) / cols**0.5).to(dtype)
@@ -211,25 +205,7 @@ def _check_gemv(case: KernelCase, device: str) -> str | None:
     else:
         x = 3.0 * torch.randn(1, 1, cols, dtype=dtype, device=device)  # not unit RMS: the norm must act
         norm = (1.0 + 0.5 * torch.randn(cols, device=device)).to(dtype) if "norm" in case.kernel else None
-        in_loop = case.kernel.endswith("_in_loop")
-        if in_loop and kernels.GEMV_NORM_IN_LOOP.env in os.environ:
-            return f"{kernels.GEMV_NORM_IN_LOOP.env} is set: the case cannot choose the prologue"
-        previous, launched = kernels.GEMV_NORM_IN_LOOP.is_on(), []
-        kernels.GEMV_NORM_IN_LOOP.set(in_loop)
-        original_launch = gemv_module.launch_gemv
-
-        def recording_launch(*args, **kwargs):  # which prologue the kernel was launched with
-            launched.append(kwargs.get("norm_in_loop"))
-            return original_launch(*args, **kwargs)
-
-        gemv_module.launch_gemv = recording_launch
-        try:
-            got = kernels.gemv(x, weight, norm, EPS, residual)
-        finally:
-            kernels.GEMV_NORM_IN_LOOP.set(previous)
-            gemv_module.launch_gemv = original_launch
-        if launched not in ([], [in_loop]):  # [] where the kernel does not run: _compare says so
-            return f"the kernel ran with norm_in_loop={launched}, the case asks for {in_loop}"
+        got = kernels.gemv(x, weight, norm, EPS, residual)
         want = kernels.gemv_reference(x, weight, norm, EPS, residual)
     return _compare(case, got, want, kernels.use_gemv(x))
 
@@ -278,15 +254,6 @@ def _omni_op_counts(fn, *args) -> dict[str, int]:
 
     targets = (str(node.target) for node in make_fx(fn)(*args).graph.nodes)
     return dict(Counter(target for target in targets if target.startswith("omni.")))
-
-
-def _gemv_norm_in_loop_flags(fn, *args) -> list[bool]:
-    """The `norm_in_loop` argument of every omni::gemv call with a norm weight in the graph make_fx records."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    calls = [node for node in make_fx(fn)(*args).graph.nodes if str(node.target) == "omni.gemv.default"]
-    return [bool(node.args[5]) if len(node.args) > 5 else bool(node.kwargs.get("norm_in_loop", False))
-            for node in calls if len(node.args) > 2 and node.args[2] is not None]
 
 
 def interpreter_report() -> dict[str, object]:
@@ -379,11 +346,6 @@ def _fused_decode_layer_report() -> dict[str, object]:
             kernels.DECODE_FUSION.set(fused)
             traced["fused" if fused else "unfused"] = _omni_op_counts(
                 lambda x: layer(x, cos, sin, position, 1, 16), x)
-        kernels.GEMV_NORM_IN_LOOP.set(True)
-        in_loop_result = step(True)
-        in_loop_flags = _gemv_norm_in_loop_flags(lambda x: layer(x, cos, sin, position, 1, 16), x)
-        kernels.GEMV_NORM_IN_LOOP.set(False)
-        two_pass_flags = _gemv_norm_in_loop_flags(lambda x: layer(x, cos, sin, position, 1, 16), x)
         compiled = torch.compile(_call_layer, fullgraph=True, dynamic=True)
         kernels.DECODE_FUSION.set(True)
         cache.k_cache.copy_(initial[0])
@@ -402,8 +364,6 @@ def _fused_decode_layer_report() -> dict[str, object]:
         "fused_layer_ops": traced,
         "fused_layer_output_scale": results[False][0].abs().max().item(),
         "fused_layer_max_diffs": max_diff(results[True], results[False]),
-        "fused_layer_in_loop_max_diffs": max_diff(in_loop_result, results[False]),
-        "fused_layer_norm_in_loop_flags": {"on": in_loop_flags, "off": two_pass_flags},
         "fused_layer_wrote_the_cache": max_diff(results[False][1:], initial),
         "fused_layer_compiled_max_diffs": max_diff(compiled_result, results[True]),
         "fused_layer_compiled_cache_loops": loops,
@@ -414,8 +374,7 @@ def _fused_decode_layer_report() -> dict[str, object]:
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, object]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    for switch in (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV, kernels.DECODE_FUSION,
-                   kernels.GEMV_NORM_IN_LOOP):
+    for switch in (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV, kernels.DECODE_FUSION):
         env.pop(switch.env, None)
     proc = subprocess.run(
         [sys.executable, "-m", "tests.test_kernels"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
@@ -427,8 +386,7 @@ def interpreter_results() -> dict[str, object]:
 
 @pytest.fixture
 def switch_on():
-    """All kernel switches on for the test (the one-pass norm as each case asks), the previous state
-    restored after."""
+    """All kernel switches on for the test, the previous state restored after."""
     switches = (kernels.TRITON_KERNELS, kernels.DECODE_ATTENTION, kernels.GEMV, kernels.DECODE_FUSION)
     previous = [switch.is_on() for switch in switches]
     for switch in switches:
@@ -483,10 +441,6 @@ def test_fused_decode_layer_folds_norms_and_adds_into_the_products(interpreter_r
     output_diff, keys_diff, values_diff = interpreter_results["fused_layer_max_diffs"]
     assert scale > 1.0 and output_diff <= 1e-5 * scale
     assert keys_diff <= 1e-5 and values_diff == 0.0
-    # The one-pass norm prologue (GEMV_NORM_IN_LOOP) reaches both normed products and gives the same step.
-    assert interpreter_results["fused_layer_norm_in_loop_flags"] == {"on": [True, True], "off": [False, False]}
-    output_diff, keys_diff, values_diff = interpreter_results["fused_layer_in_loop_max_diffs"]
-    assert output_diff <= 1e-5 * scale and keys_diff <= 1e-5 and values_diff <= 1e-5
     assert min(interpreter_results["fused_layer_wrote_the_cache"]) > 0.1  # the step did write K and V
 
 
@@ -629,15 +583,14 @@ def _custom_op_args() -> list[tuple[object, tuple]]:
         (silu_mul_op, (gate_up[..., :64], gate_up[..., 64:])),
         (decode_attention_op, attention),
         (gemv_op, (row, matrix, weight, EPS, torch.randn(1, 1, 32))),
-        (gemv_op, (row, matrix, weight, EPS, None, True)),
         (swiglu_gemv_op, (torch.randn(1, 1, 128), matrix, torch.randn(1, 1, 32))),
         (qk_norm_rope_cache_op, (qkv, torch.randn(16), torch.randn(16), EPS, torch.randn(1, 8), torch.randn(1, 8),
                                  caches[0], caches[1], 1, torch.tensor([5]), 4)),
     ]
 
 
-@pytest.mark.parametrize("index", range(8), ids=["rms_norm", "add_rms_norm", "silu_mul", "decode_attention",
-                                                 "gemv", "gemv_norm_in_loop", "swiglu_gemv", "qk_norm_rope_cache"])
+@pytest.mark.parametrize("index", range(7), ids=["rms_norm", "add_rms_norm", "silu_mul", "decode_attention",
+                                                 "gemv", "swiglu_gemv", "qk_norm_rope_cache"])
 def test_custom_op_registration_passes_opcheck(index):
     op, args = _custom_op_args()[index]
     torch.library.opcheck(op, args)
@@ -691,18 +644,30 @@ def test_bench_cases_cover_models_and_rows_and_feed_their_ops():
         for rows in ROWS
     } | {("decode_attention", model, kv_len) for model in ("llm", "tts") for kv_len in DECODE_KV_LENS} | {
         (kernel, model, rows) for kernel, model, rows, _ in gemv_shapes()
-    } | {  # the decode fusion's kernels: q/k/v with its norm (two-pass and one-pass), o and down with their
-        # residual, the prologue
-        ("gemv_norm", "llm", 6144), ("gemv_norm_in_loop", "llm", 6144), ("gemv_residual", "llm", 4096),
-        ("swiglu_gemv_residual", "llm", 4096), ("qk_norm_rope_cache", "llm", 48), ("gemv_norm", "tts", 2304),
-        ("gemv_norm_in_loop", "tts", 2304), ("gemv_residual", "tts", 768), ("swiglu_gemv_residual", "tts", 768),
-        ("qk_norm_rope_cache", "tts", 36),
+    } | {  # the decode fusion's kernels: q/k/v with its norm, o and down with their residual, the prologue
+        ("gemv_norm", "llm", 6144), ("gemv_residual", "llm", 4096), ("swiglu_gemv_residual", "llm", 4096),
+        ("qk_norm_rope_cache", "llm", 48), ("gemv_norm", "tts", 2304), ("gemv_residual", "tts", 768),
+        ("swiglu_gemv_residual", "tts", 768), ("qk_norm_rope_cache", "tts", 36),
     }
     assert {(c.rows, c.cols) for c in cases if "gemv" in c.kernel} == {
         (rows, cols) for rows, cols in GEMV_MODEL_SHAPES + SWIGLU_GEMV_MODEL_SHAPES + [(6562, 768)]
     }
     for case in (c for c in cases if c.rows == 1 or c.rows == DECODE_KV_LENS[0] or c.model == "tts"):
         torch.testing.assert_close(case.triton_fn(*case.inputs), case.reference_fn(*case.inputs))
+
+
+def test_bench_kernel_filter_selects_rows_and_rejects_unknown_names(capsys):
+    from bench.kernels import KERNEL_NAMES, build_cases, main
+
+    cpu = torch.device("cpu")
+    assert list(dict.fromkeys(case.kernel for case in build_cases(cpu))) == list(KERNEL_NAMES)  # in this order
+    chosen = build_cases(cpu, ("swiglu_gemv", "qk_norm_rope_cache"))
+    assert {(case.kernel, case.model) for case in chosen} == {
+        (kernel, model) for kernel in ("swiglu_gemv", "qk_norm_rope_cache") for model in ("llm", "tts")}
+    for bad in ("gemv,nope", ","):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--kernels", bad])
+        assert exit_info.value.code == 2 and "choose from" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@ from workers.kernels._dispatch import (
     DECODE_ATTENTION,
     DECODE_FUSION,
     GEMV,
-    GEMV_NORM_IN_LOOP,
     TRITON_KERNELS,
     KernelSwitch,
     set_interpret,
@@ -31,7 +30,6 @@ __all__ = [
     "DECODE_ATTENTION",
     "DECODE_FUSION",
     "GEMV",
-    "GEMV_NORM_IN_LOOP",
     "TRITON_KERNELS",
     "KernelSwitch",
     "add_rms_norm",
@@ -140,16 +138,14 @@ def _check_residual(residual: torch.Tensor | None, x: torch.Tensor, rows: int) -
 def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
          residual: torch.Tensor | None = None) -> torch.Tensor:
     """[residual +] (rms_norm(x, norm_weight, eps) if norm_weight is given, else x) @ weight.T for x [..., K]
-    holding one row and weight [N, K]; call where `use_gemv(x)` holds. The norm runs in one pass where
-    `GEMV_NORM_IN_LOOP` is on."""
+    holding one row and weight [N, K]; call where `use_gemv(x)` holds."""
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.dtype != x.dtype:
         raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not match x {tuple(x.shape)} {x.dtype}")
     if norm_weight is not None:
         _check_norm_weight(x, norm_weight)
         norm_weight = norm_weight.contiguous()
     _check_residual(residual, x, weight.shape[0])
-    # The flag only matters with a norm weight; products without one ignore it.
-    return gemv_op(x, weight, norm_weight, eps, residual, GEMV_NORM_IN_LOOP.is_on())
+    return gemv_op(x, weight, norm_weight, eps, residual)
 
 
 def swiglu_gemv(gate_up: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

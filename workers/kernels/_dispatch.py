@@ -13,8 +13,6 @@ by an environment variable read at import):
 - `DECODE_FUSION` (config `compile.decode_fusion`, env `OMNI_TRITON_DECODE_FUSION`): decode steps fold their
   RMSNorms and residual adds into the GEMV kernels' prologue / epilogue and run the q/k norms, rotations
   and K/V write as one kernel (needs `GEMV`);
-- `GEMV_NORM_IN_LOOP` (env `OMNI_TRITON_GEMV_NORM_IN_LOOP`, no config key, off): the fusion's RMSNorm
-  prologue in one pass (`workers/kernels/gemv.py`), an experiment until a GPU has measured and proven it;
 and the tensor's device: CUDA, or CPU when the kernels were defined under the Triton interpreter
 (`TRITON_INTERPRET=1` before the first import of this package) and `set_interpret(True)` was called.
 """
@@ -63,7 +61,6 @@ TRITON_KERNELS = KernelSwitch("OMNI_TRITON_KERNELS", True)
 DECODE_ATTENTION = KernelSwitch("OMNI_TRITON_DECODE_ATTENTION", False)
 GEMV = KernelSwitch("OMNI_TRITON_GEMV", False)
 DECODE_FUSION = KernelSwitch("OMNI_TRITON_DECODE_FUSION", False)
-GEMV_NORM_IN_LOOP = KernelSwitch("OMNI_TRITON_GEMV_NORM_IN_LOOP", False)
 _interpret = False
 
 

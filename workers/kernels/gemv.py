@@ -12,13 +12,7 @@ path stores it) before multiplying, so the [F] activation is never written out.
 
 Two more fusions remove the small kernels between the products of a decoder layer:
 - `NORM` (prologue): out = rms_norm(x) @ weight.T. Every program first sums x's squares itself (x is one
-  row of a few KB, read from L2), then normalises each tile as the RMSNorm kernel does (fp32, one rounding).
-  `NORM_IN_LOOP` is the one-pass variant: the squares are summed in the product's own loop, the tiles are
-  multiplied by the norm weight only, and the row's 1/rms scales the finished sums. It reads x once and
-  starts the weight stream at once, but skips the rounding of the normalised row that the unfused path
-  does. `gemv()` in workers/kernels/__init__.py chooses it where the `GEMV_NORM_IN_LOOP` switch is on
-  (off: an experiment until a GPU measures it; if it is faster and both GPU proofs pass, it replaces the
-  two-pass prologue);
+  row of a few KB, read from L2), then normalises each tile as the RMSNorm kernel does (fp32, one rounding);
 - `RESIDUAL` (epilogue): out = residual + x @ weight.T, the product rounded to the output dtype before the
   add, as the unfused `residual + linear(x)` rounds it.
 """
@@ -48,9 +42,8 @@ GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     (6562, 768): (2, 1024, 4),
 }
 DEFAULT_CONFIG = (2, 1024, 4)
-# With the two-pass RMSNorm prologue (compile.decode_fusion) every program redoes the reduction over x before
-# its first weight tile, so the best tiles differ: the sweep's `gemv_norm` rows, same file. The one-pass
-# variant (`NORM_IN_LOOP`) reads like the plain product and takes GEMV_CONFIGS.
+# With the RMSNorm prologue (compile.decode_fusion) every program redoes the reduction over x before its
+# first weight tile, so the best tiles differ: the sweep's `gemv_norm` rows, same file.
 NORM_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     (6144, 4096): (2, 1024, 4),
     (24576, 4096): (4, 512, 4),
@@ -84,15 +77,15 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(
         x_ptr, weight_ptr, out_ptr, norm_weight_ptr, residual_ptr, n_rows, n_cols, weight_row_stride, eps,
-        SWIGLU: tl.constexpr, NORM: tl.constexpr, NORM_IN_LOOP: tl.constexpr, RESIDUAL: tl.constexpr,
+        SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < n_rows
         row_ptrs = weight_ptr + rows.to(tl.int64)[:, None] * weight_row_stride
         inv_rms = 1.0
-        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        if NORM and not NORM_IN_LOOP:
+        if NORM:
+            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for start in range(0, n_cols, BLOCK_K):
                 cols = start + tl.arange(0, BLOCK_K)
                 v = tl.load(x_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
@@ -110,48 +103,38 @@ if triton is not None:
                 x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
             if NORM:
                 scale = tl.load(norm_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-                if NORM_IN_LOOP:
-                    squares += x * x
-                    x = x * scale
-                else:
-                    x = (x * inv_rms * scale).to(x_ptr.dtype.element_ty).to(tl.float32)
+                x = (x * inv_rms * scale).to(x_ptr.dtype.element_ty).to(tl.float32)
             w = tl.load(row_ptrs + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
             acc += w.to(tl.float32) * x[None, :]
         out = tl.sum(acc, axis=1)
-        if NORM and NORM_IN_LOOP:
-            out = out * tl.rsqrt(tl.sum(squares, axis=0) / n_cols + eps)
         if RESIDUAL:
             residual = tl.load(residual_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
             out = out.to(out_ptr.dtype.element_ty).to(tl.float32) + residual
         tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def gemv_config(n_rows: int, n_cols: int, norm: bool = False,
-                norm_in_loop: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for a weight of n_rows x n_cols, with or without the norm prologue
-    (two-pass, or one-pass with `norm_in_loop`)."""
-    if norm and not norm_in_loop:
+def gemv_config(n_rows: int, n_cols: int, norm: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for a weight of n_rows x n_cols, with or without the norm prologue."""
+    if norm:
         return NORM_CONFIGS.get((n_rows, n_cols), NORM_DEFAULT_CONFIG)
     return GEMV_CONFIGS.get((n_rows, n_cols), DEFAULT_CONFIG)
 
 
 def launch_gemv(x: torch.Tensor, weight: torch.Tensor, swiglu: bool,
                 config: tuple[int, int, int] | None = None, norm_weight: torch.Tensor | None = None,
-                eps: float = 0.0, residual: torch.Tensor | None = None,
-                norm_in_loop: bool = False) -> torch.Tensor:
+                eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Run the kernel on one contiguous row x ([K], or [2K] with `swiglu`), optionally with the RMSNorm
-    prologue (`norm_weight` [K], not with `swiglu`; one-pass with `norm_in_loop`) and the residual epilogue
-    (`residual` [N], contiguous); returns [N] in x.dtype."""
+    prologue (`norm_weight` [K], not with `swiglu`) and the residual epilogue (`residual` [N], contiguous);
+    returns [N] in x.dtype."""
     n_rows, n_cols = weight.shape
-    norm = norm_weight is not None
-    block_n, block_k, num_warps = config or gemv_config(n_rows, n_cols, norm, norm_in_loop)
+    block_n, block_k, num_warps = config or gemv_config(n_rows, n_cols, norm=norm_weight is not None)
     out = torch.empty(n_rows, dtype=x.dtype, device=x.device)
     # Pointers a disabled prologue / epilogue never reads.
     norm_ptr = x if norm_weight is None else norm_weight
     residual_ptr = out if residual is None else residual
     _gemv_kernel[(triton.cdiv(n_rows, block_n),)](
         x, weight, out, norm_ptr, residual_ptr, n_rows, n_cols, weight.stride(0), eps,
-        SWIGLU=swiglu, NORM=norm, NORM_IN_LOOP=norm and norm_in_loop, RESIDUAL=residual is not None,
+        SWIGLU=swiglu, NORM=norm_weight is not None, RESIDUAL=residual is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
     return out
@@ -163,31 +146,27 @@ def _contiguous_row(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _gemv_triton(x: torch.Tensor, weight: torch.Tensor, swiglu: bool, norm_weight: torch.Tensor | None = None,
-                 eps: float = 0.0, residual: torch.Tensor | None = None,
-                 norm_in_loop: bool = False) -> torch.Tensor:
+                 eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     out = launch_gemv(_contiguous_row(x), weight, swiglu, norm_weight=norm_weight, eps=eps,
-                      residual=None if residual is None else _contiguous_row(residual),
-                      norm_in_loop=norm_in_loop)
+                      residual=None if residual is None else _contiguous_row(residual))
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
 @torch.library.custom_op("omni::gemv", mutates_args=())
 def gemv_op(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-            residual: torch.Tensor | None = None, norm_in_loop: bool = False) -> torch.Tensor:
+            residual: torch.Tensor | None = None) -> torch.Tensor:
     """Custom op: x [..., K] holding one row, weight [N, K] -> [residual +] (rms_norm(x) if norm_weight is
-    given, else x) @ weight.T, [..., N] (Triton where it runs; the norm in one pass with `norm_in_loop`)."""
+    given, else x) @ weight.T, [..., N] (Triton where it runs)."""
     if triton_runs_on(x.device):
-        return _gemv_triton(x, weight, swiglu=False, norm_weight=norm_weight, eps=eps, residual=residual,
-                            norm_in_loop=norm_in_loop)
+        return _gemv_triton(x, weight, swiglu=False, norm_weight=norm_weight, eps=eps, residual=residual)
     return gemv_reference(x, weight, norm_weight, eps, residual).contiguous()
 
 
 @gemv_op.register_fake
 def _gemv_fake(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
-               eps: float = 0.0, residual: torch.Tensor | None = None,
-               norm_in_loop: bool = False) -> torch.Tensor:
+               eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
