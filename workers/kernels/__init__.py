@@ -20,6 +20,7 @@ from workers.kernels._dispatch import (
     use_triton,
 )
 from workers.kernels.add_rmsnorm import add_rms_norm_op, add_rms_norm_reference
+from workers.kernels.compile_cache import source_fingerprint, tag_compile_caches
 from workers.kernels.flash_decoding import decode_attention_op, decode_attention_reference, visible_keys
 from workers.kernels.gemv import gemv_op, gemv_reference, swiglu_gemv_op, swiglu_gemv_reference
 from workers.kernels.rmsnorm import rms_norm_op, rms_norm_reference
@@ -52,6 +53,9 @@ __all__ = [
     "use_triton",
     "visible_keys",
 ]
+
+# Compiled graphs that call the omni:: ops are cached under this package's source (see compile_cache.py).
+tag_compile_caches(source_fingerprint())
 
 
 def _check_norm_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
