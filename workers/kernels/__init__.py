@@ -54,7 +54,8 @@ __all__ = [
     "visible_keys",
 ]
 
-# Compiled graphs that call the omni:: ops are cached under this package's source (see compile_cache.py).
+# Every graph this process compiles is cached under a key that includes this package's source, so no cached
+# graph outlives a change of an omni:: op (see compile_cache.py).
 tag_compile_caches(source_fingerprint())
 
 
