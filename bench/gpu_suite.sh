@@ -16,7 +16,8 @@
 #   SUITE_STEPS="precompile_cold precompile_warm graph_tests kernels_test"
 #   SUITE_STEPS="fast_equivalence"
 #   SUITE_STEPS="session_equivalence"   (one eager and two fast fp32 sessions: 2-3 minutes on an H200)
-#   SUITE_STEPS="gemv_sweep kernels_bench profile"
+#   SUITE_STEPS="gemv_sweep profile"
+#   SUITE_STEPS=kernels_bench KERNELS_BENCH_KERNELS=gemv   (the kernel table takes several calls)
 #   SUITE_STEPS="duplex"
 #
 # Environment:
@@ -28,8 +29,8 @@
 #   SUITE_BUDGET_S    the whole suite's time (seconds): a step gets at most what is left of it, less a
 #                     margin for packing the logs, and is skipped when too little is left
 #   DECODE_MODES      the decoder step benchmark's modes (default eager,compile-default,fast)
-#   DECODE_VARIANTS   the fast-mode variants the decode_steps step runs after it (default both:
-#                     without_decode_kernels without_decode_fusion)
+#   DECODE_VARIANTS   the fast-mode variants the decode_steps step runs after it, space-separated
+#                     (default both: without_decode_kernels without_decode_fusion; empty: none)
 #   KERNELS_BENCH_KERNELS   the kernels_bench step's kernels, comma-separated (default all; the whole
 #                     table does not fit one call: `python -m bench.kernels --help` names them)
 #   DUPLEX_MODES, DUPLEX_UNITS, DUPLEX_WARMUP_UNITS   the duplex benchmark's modes and unit counts
@@ -39,6 +40,11 @@ set -u
 OUT=${OUT:-bench/results/gpu_suite}
 PYTHON=${PYTHON:-python3}
 SUITE_STEPS=${SUITE_STEPS:-precompile_cold precompile_warm kernels_test graph_tests fast_equivalence session_equivalence decode_steps kernels_bench gemv_sweep profile duplex}
+DECODE_VARIANTS=${DECODE_VARIANTS-without_decode_kernels without_decode_fusion}
+for name in $DECODE_VARIANTS; do
+    [[ $name == without_decode_kernels || $name == without_decode_fusion ]] \
+        || { echo "unknown DECODE_VARIANTS entry: $name" >&2; exit 2; }
+done
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 
@@ -49,7 +55,6 @@ mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
 export TORCH_LOGS=${TORCH_LOGS:-perf_hints}
 
 wanted() { [[ " $SUITE_STEPS " == *" $1 "* ]]; }
-DECODE_VARIANTS=${DECODE_VARIANTS:-without_decode_kernels without_decode_fusion}
 variant() { [[ " $DECODE_VARIANTS " == *" $1 "* ]]; }
 
 # step NAME LIMIT_S COMMAND...: stdout to $OUT/NAME.out, stderr to $OUT/NAME.log.

@@ -24,8 +24,8 @@ its RMSNorm prologue, the o and down GEMVs with their residual epilogue, and the
 shape, and with the norm prologue (`gemv_norm`) at the q/k/v and gate/up shapes, and reports the fastest
 (what `workers/kernels/gemv.py` GEMV_CONFIGS and NORM_CONFIGS should hold); with `--out` the
 report is rewritten after every shape (the table's after every case), so a run cut short keeps what it
-finished. The whole table does not fit one 10-minute device call (its first six cases took 231 s on an
-H100; each case compiles its reference afresh): `--kernels` runs the rows of the named kernels only.
+finished. The whole table does not fit one 10-minute device call (six cases finished inside a 230 s limit
+on an H100; each case compiles its reference afresh): `--kernels` runs the rows of the named kernels only.
 Needs CUDA; elsewhere it prints {"skipped": ...} and exits 0.
 """
 
@@ -294,6 +294,8 @@ def run(sweep: bool = False, write: Callable[[dict[str, object]], None] | None =
         "triton": triton.__version__,
         "dtype": str(DTYPE).removeprefix("torch."),
     }
+    if not sweep:
+        report["kernels"] = list(kernels)
     if sweep:
         report["gemv_sweep"] = sweep_gemv(device, lambda results: write({**report, "gemv_sweep": results}))
     else:
@@ -336,7 +338,8 @@ def _kernel_names(value: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in value.split(",") if name.strip())
     unknown = sorted(set(names) - set(KERNEL_NAMES))
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown kernel(s) {unknown}; choose from {', '.join(KERNEL_NAMES)}")
+        problem = f"unknown kernel(s) {', '.join(unknown)}" if unknown else "no kernel named"
+        raise argparse.ArgumentTypeError(f"{problem}; choose from {', '.join(KERNEL_NAMES)}")
     return names
 
 
@@ -349,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", type=_kernel_names, default=KERNEL_NAMES,
                         help=f"comma-separated kernels of the table (default all: {','.join(KERNEL_NAMES)})")
     args = parser.parse_args(argv)
+    if args.sweep_gemv and args.kernels != KERNEL_NAMES:
+        parser.error("--kernels selects rows of the kernel table; --sweep-gemv sweeps the GEMV shapes")
 
     def write(report: dict[str, object]) -> None:
         if args.out is not None:

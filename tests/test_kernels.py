@@ -634,9 +634,10 @@ def test_decode_attention_op_in_a_dynamic_compiled_graph_on_cpu():
 
 
 def test_bench_cases_cover_models_and_rows_and_feed_their_ops():
-    from bench.kernels import DECODE_KV_LENS, ROWS, build_cases, gemv_shapes
+    from bench.kernels import DECODE_KV_LENS, KERNEL_NAMES, ROWS, build_cases, gemv_shapes
 
     cases = build_cases(torch.device("cpu"))
+    assert list(dict.fromkeys(case.kernel for case in cases)) == list(KERNEL_NAMES)  # in this order
     assert {(c.kernel, c.model, c.rows) for c in cases} == {
         (kernel, model, rows)
         for kernel in ("rms_norm", "add_rms_norm", "silu_mul")
@@ -657,17 +658,16 @@ def test_bench_cases_cover_models_and_rows_and_feed_their_ops():
 
 
 def test_bench_kernel_filter_selects_rows_and_rejects_unknown_names(capsys):
-    from bench.kernels import KERNEL_NAMES, build_cases, main
+    from bench.kernels import build_cases, main
 
-    cpu = torch.device("cpu")
-    assert list(dict.fromkeys(case.kernel for case in build_cases(cpu))) == list(KERNEL_NAMES)  # in this order
-    chosen = build_cases(cpu, ("swiglu_gemv", "qk_norm_rope_cache"))
+    chosen = build_cases(torch.device("cpu"), ("swiglu_gemv", "qk_norm_rope_cache"))
     assert {(case.kernel, case.model) for case in chosen} == {
         (kernel, model) for kernel in ("swiglu_gemv", "qk_norm_rope_cache") for model in ("llm", "tts")}
-    for bad in ("gemv,nope", ","):
+    for argv, message in ((["--kernels", "gemv,nope"], "unknown kernel(s) nope"), (["--kernels", ","], "no kernel"),
+                          (["--sweep-gemv", "--kernels", "gemv"], "--sweep-gemv sweeps")):
         with pytest.raises(SystemExit) as exit_info:
-            main(["--kernels", bad])
-        assert exit_info.value.code == 2 and "choose from" in capsys.readouterr().err
+            main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.slow
