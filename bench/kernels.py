@@ -294,13 +294,11 @@ def run(sweep: bool = False, write: Callable[[dict[str, object]], None] | None =
         "triton": triton.__version__,
         "dtype": str(DTYPE).removeprefix("torch."),
     }
-    if not sweep:
-        report["kernels"] = list(kernels)
     if sweep:
         report["gemv_sweep"] = sweep_gemv(device, lambda results: write({**report, "gemv_sweep": results}))
     else:
         results: list[dict[str, object]] = []
-        report["results"] = results
+        report["kernels"], report["results"] = list(kernels), results
         for case in build_cases(device, kernels):
             results.append(measure(case))
             write(report)
