@@ -14,7 +14,9 @@ decode loop; `tts` includes building its condition.
 `natural` lets the (random or real) weights decide. Prints one JSON object with `--json`.
 
 `--mode eager,compile-default,fast` measures several acceleration modes side by side in one run (one
-engine per mode, built, warmed, measured and freed in turn) and reports speak/listen p50 ratios:
+engine per mode, built, warmed, measured and freed in turn) and reports speak/listen p50 ratios. A mode may
+carry `compile` config overrides, `MODE+KEY=VALUE...`: `fast,fast+token_steps=false` measures `fast` with
+and without its token steps. The modes:
 * `eager`: plain PyTorch modules;
 * `compile-default`: the reference system's setting, torch.compile(mode="default", dynamic=True) on
   vpm, resampler and the LLM and TTS backbones;
@@ -61,12 +63,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def mode_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """`MODE[+KEY=VALUE...]` -> (acceleration mode, `compile` config overrides), e.g. `fast+token_steps=false`."""
+    mode, *pairs = spec.split("+")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in CompileConfig.model_fields:
+            raise ValueError(f"{pair!r} is not KEY=VALUE with a compile config key")
+        overrides[key] = value
+    CompileConfig.model_validate(overrides)  # a value that does not parse fails here, before any engine
+    return mode, overrides
+
+
 def _modes(text: str) -> list[str]:
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
-    return modes
+    specs = [m.strip() for m in text.split(",") if m.strip()]
+    if not specs:
+        raise argparse.ArgumentTypeError(f"no mode given; choose from {', '.join(MODES)}")
+    try:
+        for spec in specs:
+            mode_spec(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return specs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,13 +175,15 @@ def accelerate(engine: DuplexEngine, mode: str, fast_compile: list[str]) -> None
         engine.warmup()
 
 
-def measure_mode(args: argparse.Namespace, mode: str, chunks: list[np.ndarray], frames: list[list],
+def measure_mode(args: argparse.Namespace, spec: str, chunks: list[np.ndarray], frames: list[list],
                  voice: np.ndarray | None) -> dict[str, Any]:
-    """Build an engine in `mode`, warm it up with one forced cycle, measure `args.units` units."""
+    """Build an engine for the mode spec (`mode_spec`), warm it up with one forced cycle, measure `args.units`
+    units."""
+    mode, overrides = mode_spec(spec)
     cfg = ServiceConfig.model_validate({"model": {
         "preset": args.preset, "model_path": args.model_path, "device": args.device, "dtype": args.dtype,
         "seed": args.seed, "acceleration": mode,
-    }})
+    }, "compile": overrides})
     load_start = time.perf_counter()
     engine = DuplexEngine(cfg)
     load_s = time.perf_counter() - load_start
@@ -186,7 +209,7 @@ def measure_mode(args: argparse.Namespace, mode: str, chunks: list[np.ndarray], 
     if engine.device.type == "cuda":
         peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(engine.device)
     result = {
-        "mode": mode,
+        "mode": spec,
         "device": device_name(engine.device),
         "dtype": engine.info["dtype"],
         "logits_dtype": engine.info["logits_dtype"],

@@ -15,7 +15,8 @@
 # stay warm), e.g.
 #   SUITE_STEPS="precompile_cold precompile_warm graph_tests kernels_test"
 #   SUITE_STEPS="fast_equivalence"
-#   SUITE_STEPS="session_equivalence"   (one eager and two fast fp32 sessions: 2-3 minutes on an H200)
+#   SUITE_STEPS="session_equivalence"   (one eager and two fast fp32 sessions, and the token steps'
+#                                        sampled sessions: 2-3 minutes on an H200)
 #   SUITE_STEPS="gemv_sweep profile"
 #   SUITE_STEPS=kernels_bench KERNELS_BENCH_KERNELS=gemv   (the kernel table takes several calls)
 #   SUITE_STEPS="duplex"
@@ -122,7 +123,7 @@ if wanted fast_equivalence; then
 fi
 if wanted session_equivalence; then
     step session_equivalence 540 "$PYTHON" -m pytest -p no:cacheprovider -m gpu -q -rA \
-        tests/test_session_equivalence.py
+        tests/test_session_equivalence.py tests/test_token_steps.py
 fi
 if wanted kernels_bench; then
     step kernels_bench 420 "$PYTHON" -m bench.kernels --out "$OUT/kernels.json" \

@@ -35,6 +35,7 @@ from workers.engine.engine import DuplexEngine
 from workers.media import load_media
 from workers.model.image import slice_image
 from workers.model.layers import round_up_kv_len
+from workers.model.tts import CodeStepper, CodeSteps
 
 KERNEL_ROWS = 25
 
@@ -100,10 +101,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x1 = torch.randn(1, 1, hidden, device=engine.device, dtype=model.llm_dtype)
     x16 = torch.randn(1, 16, hidden, device=engine.device, dtype=model.llm_dtype)
     position = session.position + 64
-    last = torch.randn(1, 1, hidden, device=engine.device, dtype=model.llm_dtype)
+    last = torch.randn(1, hidden, device=engine.device, dtype=model.llm_dtype)
     recent = list(range(1000, 1100))
-    for token in recent:
-        session._remember(token)
+    rule = engine.heads.reset_rule(1, session.params)  # slot 1's rule state, with a window of 100 ids
+    rule.ring[:len(recent)] = torch.tensor(recent, device=engine.device)
+    rule.uniforms.uniform_()
     tts_hidden = model.args.tts.hidden
     t1 = torch.randn(1, 1, tts_hidden, device=engine.device, dtype=model.llm_dtype)
     image = slice_image(frames[0][0], 1, model.args.vision)
@@ -111,17 +113,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     audio = session.audio_encoder
 
     def logits_and_rule() -> None:
-        session._next_token(last)  # the captured head + rule
+        int(engine.heads.llm(last, rule.settings[0], rule.ring, rule.uniforms[0]))  # the captured head + rule
 
     def logits_and_rule_eager() -> None:
-        choose_token(engine.logits(last[:, -1]), session.params, recent, engine.forbidden_mask, session.generator)
+        choose_token(engine.logits(last), session.params, recent, engine.forbidden_mask, None,
+                     uniforms=rule.uniforms[0])
+
+    def llm_step_then_rule() -> None:  # what one token step replaces: the runner's step, then the head's call
+        hidden_last = llm_runner(engine.model.llm.embed(torch.tensor([1000], device=engine.device)), position, 1)
+        int(engine.heads.llm(hidden_last[:, -1], rule.settings[0], rule.ring, rule.uniforms[0]))
+
+    def llm_token_step() -> None:
+        engine.llm_steps(1, 1000, position, 0, 1000, False, 0)
 
     tts_settings = torch.tensor([0.8, 1.05, 0.0], device=engine.device)
     tts_recent = torch.full((16,), -1, dtype=torch.long, device=engine.device)
     tts_uniform = torch.rand(1, device=engine.device)
+    condition = model.tts.build_condition(torch.arange(100, 112, device=engine.device),
+                                          torch.randn(12, model.args.tts.llm_dim, device=engine.device))
 
     def tts_sample() -> None:
         int(engine.heads.tts(t1[:, -1], tts_settings, tts_recent, tts_uniform))
+
+    def tts_codes(steps: CodeStepper) -> Callable[[], object]:
+        """A forced unit's code loop: prefill a 13-row condition, then 25 codes."""
+        return lambda: model.tts.generate_codes(condition, 1, 0, 0.8, 25, 25, None, backbone=tts_runner, steps=steps)
 
     def token2wav_25() -> None:
         stream.push(list(range(100, 125)))
@@ -131,8 +147,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "llm_prefill_16": lambda: llm_runner(x16, position, 1),
         "llm_head_and_rule": logits_and_rule,
         "llm_head_and_rule_eager": logits_and_rule_eager,
+        "llm_step_then_head_and_rule": llm_step_then_rule,
+        "llm_token_step": llm_token_step,
         "tts_decode_step": lambda: tts_runner(t1, 40, 1),
         "tts_head_and_sample": tts_sample,
+        "tts_25_codes_one_at_a_time": tts_codes(CodeSteps(model.tts, tts_runner, engine.heads.tts)),
+        "tts_25_codes_token_steps": tts_codes(engine.tts_steps),
         "vision_slice": lambda: model.encode_images(image),
         "audio_second": lambda: audio.feed(chunks[1]),
         "token2wav_25_codes": token2wav_25,
@@ -150,8 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with llm_runner.kernel_switches():
             for _ in range(5):
                 llm_runner._step(0, 1, kv_len)
-        int(engine.heads.llm(last[:, -1], session.params.as_tensor(engine.device), session._recent_ring,
-                             torch.rand(2, device=engine.device)))
+        int(engine.heads.llm(last, rule.settings[0], rule.ring, rule.uniforms[0]))
 
     uncaptured_steps()
     step_table = kernel_table(uncaptured_steps)

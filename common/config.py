@@ -84,6 +84,9 @@ class CompileConfig(_Strict):
     decode_fusion: bool = Field(True, description="decode steps fold RMSNorms and residual adds into the GEMV "
                                                   "kernels and q/k norms, RoPE and the KV write into one "
                                                   "(1-7 ms less per speak unit on an H200; docs/BENCHMARKS.md)")
+    token_steps: bool = Field(True, description="fast mode: a decode step and its head (LM head + decode rule, "
+                                                "code head + sampling) as one call, TTS steps launched one ahead "
+                                                "of the host's reads (docs/BENCHMARKS.md)")
     cache_dir: str = "torch_compile_cache"
 
 

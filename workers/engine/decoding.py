@@ -37,6 +37,9 @@ from workers.model import tokens
 # or whose window is above RULE_WINDOW_MAX, decodes with the eager call of the same rule instead.
 RULE_TOP_K_MAX = 64
 RULE_WINDOW_MAX = 1024
+# Rule calls per unit at most (`SessionSettings.max_new_speak_tokens_per_chunk`'s bound): the rows of random
+# numbers a unit draws up front.
+RULE_CALLS_MAX = 64
 # Layout of the settings vector of `DecodeParams.as_tensor`.
 _GREEDY, _TEMPERATURE, _TOP_K, _TOP_P, _REPETITION, _LENGTH, _LISTEN_SCALE, _LISTEN_LOG_SCALE, \
     _LISTEN_TOP_K, _REFERENCE, _TEXT_ONLY = range(11)
@@ -123,11 +126,14 @@ def control_mask(vocab_size: int, device: torch.device | str) -> Tensor:
     return (ids >= tokens.FIRST_ADDED_TOKEN) & (ids <= tokens.LAST_ADDED_TOKEN)
 
 
-def draw_uniforms(params: DecodeParams, generator: torch.Generator | None, device: torch.device | str) -> Tensor:
-    """The two uniform numbers of one step (float32 [2]); zeros when the step draws nothing (greedy)."""
+def draw_uniforms(params: DecodeParams, generator: torch.Generator | None, device: torch.device | str,
+                  steps: int | None = None) -> Tensor:
+    """The two uniform numbers of one step (float32 [2]), or of `steps` steps ([steps, 2], a row per step);
+    zeros when the steps draw nothing (greedy)."""
+    shape = (2,) if steps is None else (steps, 2)
     if params.greedy:
-        return torch.zeros(2, device=device)
-    return torch.rand(2, generator=generator, device=device)
+        return torch.zeros(shape, device=device)
+    return torch.rand(shape, generator=generator, device=device)
 
 
 def recent_window(recent_ids: Sequence[int], size: int, device: torch.device | str) -> Tensor:
@@ -264,15 +270,18 @@ def decode_rule(logits: Tensor, settings: Tensor, recent: Tensor, forbidden: Ten
 
 
 def choose_token(logits: Tensor, params: DecodeParams, recent_ids: Sequence[int], forbidden: Tensor,
-                 generator: torch.Generator | None, text_only: bool = False, control: Tensor | None = None) -> int:
+                 generator: torch.Generator | None, text_only: bool = False, control: Tensor | None = None,
+                 uniforms: Tensor | None = None) -> int:
     """One decode step, called eagerly, on a float32 logits row [V]; does not modify `logits`.
 
     `recent_ids` is the session's recent-token window, already limited to `params.repetition_window`;
-    `text_only` masks the control tokens (`control`, default: every added token) before step 1.
+    `text_only` masks the control tokens (`control`, default: every added token) before step 1. The step's
+    random numbers are `uniforms` (float32 [2], drawn earlier) when given, else drawn from `generator`.
     """
     device, vocab = logits.device, logits.shape[-1]
     control = control_mask(vocab, device) if control is None else control
+    uniforms = draw_uniforms(params, generator, device) if uniforms is None else uniforms
     token = decode_rule(logits, params.as_tensor(device, text_only), recent_window(recent_ids, len(recent_ids), device),
-                        forbidden, control, draw_uniforms(params, generator, device), params.candidates(vocab),
+                        forbidden, control, uniforms, params.candidates(vocab),
                         excluded=control if text_only else None, greedy=params.argmax_only)
     return int(token)

@@ -13,7 +13,7 @@ TTS max positions in the TTS cache, and one token2wav state); a session takes a 
 back on close.
 
 CUDA graphs (`fast` mode on CUDA with `compile.cuda_graphs`): the decoder runners, the step heads (LM head
-+ decode rule, TTS head + sampling), token2wav's chunk step and the streaming audio unit per slot, and
++ decode rule, TTS head + sampling), the token steps (a decode step with its head), token2wav's chunk step and the streaming audio unit per slot, and
 the vision encoder per image patch grid replay hand-captured graphs. `warmup()`
 compiles and captures them all before sessions (after `workers.compile.apply_torch_compile`, so the
 graphs hold the compiled code); what a session captures later is counted by `recompiles_since_warmup()`.
@@ -34,6 +34,7 @@ from workers.engine.decoding import control_mask, forbidden_mask
 from workers.engine.heads import DecodeHeads
 from workers.engine.runners import DecoderRunner, Mode
 from workers.engine.session import DuplexSession, Schedule
+from workers.engine.token_steps import LLMTokenSteps, TTSTokenSteps
 from workers.model.apm import StreamingAudioSlots
 from workers.model.checkpoint import load_checkpoint
 from workers.model.image import common_source_grids
@@ -118,8 +119,12 @@ class DuplexEngine:
         self.forbidden_mask = forbidden_mask(vocab, self.tokenizer.bad_token_ids, self.device)
         self.control_mask = control_mask(vocab, self.device)
         # fast mode: the LM head + decode rule and the TTS sampling as fixed-shape calls (graphs on CUDA)
-        self.heads = (DecodeHeads(self.model, self.logits, self.forbidden_mask, self.control_mask)
+        self.heads = (DecodeHeads(self.model, self.logits, self.forbidden_mask, self.control_mask, self.slots)
                       if self.acceleration == "fast" else None)
+        # fast mode: each decode step with its head as one call (token in, next token out)
+        token_steps = self.heads is not None and cfg.compile.token_steps
+        self.llm_steps = LLMTokenSteps(self.model, self.llm_runner, self.heads, self.slots) if token_steps else None
+        self.tts_steps = TTSTokenSteps(self.model, self.tts_runner, self.heads, self.slots) if token_steps else None
         self.default_voice = _load_voice(cfg.model.default_voice_path)
         # Frames are resized and sliced here (CPU) while the session encodes the unit's audio.
         self.frame_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="frames")
@@ -170,6 +175,9 @@ class DuplexEngine:
         if self.heads is not None and self.cuda_graphs:
             with self.llm_runner.kernel_switches():  # the heads' products take the decoders' kernels
                 self.heads.capture()
+        if self.llm_steps is not None and self.tts_steps is not None:
+            self.llm_steps.warmup(slots)
+            self.tts_steps.warmup(slots)
         self.token2wav.warmup_slots()
         if self.model.vision_calls is not None:
             self.model.warmup_vision(common_source_grids(self.model.args.vision))
@@ -178,9 +186,10 @@ class DuplexEngine:
     def recompiles_since_warmup(self) -> int:
         """Compiles and graph captures sessions needed after `warmup()` (must stay 0)."""
         vision = self.model.vision_calls
+        token_steps = sum(steps.late_captures for steps in (self.llm_steps, self.tts_steps) if steps is not None)
         return (self.llm_runner.recompiles_since_warmup() + self.tts_runner.recompiles_since_warmup()
                 + self.token2wav.late_captures + (vision.late_captures if vision is not None else 0)
-                + self.audio_slots.late_captures)
+                + self.audio_slots.late_captures + token_steps)
 
     def new_session(self, session_id: str, schedule: Schedule = "natural") -> DuplexSession:
         """A session on a free KV slot; raises NoFreeSlotError when all are taken."""

@@ -58,7 +58,8 @@ class CapturedCall:
     def __call__(self, *inputs: Tensor) -> Outputs:
         """Copy `inputs` into the static buffers (same shapes; dtype and device are converted), run.
 
-        The results are fresh tensors: later calls do not overwrite them.
+        The results are fresh tensors: later calls do not overwrite them. The copies do not wait for the
+        device, so a pinned host input must not be rewritten before the device has read it.
         """
         if len(inputs) != len(self.inputs):
             raise ValueError(f"expected {len(self.inputs)} inputs, got {len(inputs)}")
@@ -66,7 +67,7 @@ class CapturedCall:
             if value.shape != static.shape:
                 raise ValueError(f"input shape {tuple(value.shape)} differs from the captured "
                                  f"{tuple(static.shape)}")
-            static.copy_(value)
+            static.copy_(value, non_blocking=True)  # a pinned host source does not wait for the device
         if self._graph is None:
             return self.fn(*self.inputs)
         self._graph.replay()

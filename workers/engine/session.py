@@ -34,10 +34,11 @@ from PIL import Image
 
 from common.config import SessionSettings
 from workers.engine.context import KVLedger, PolicyLimits, UnitRecord
-from workers.engine.decoding import RULE_WINDOW_MAX, DecodeParams, choose_token, draw_uniforms
+from workers.engine.decoding import RULE_CALLS_MAX, DecodeParams, choose_token, draw_uniforms
 from workers.model import tokens
 from workers.model.apm import StreamingAudioEncoder
 from workers.model.image import slice_count, slice_image
+from workers.model.tts import CodeStepper, CodeSteps
 
 if TYPE_CHECKING:
     from workers.engine.engine import DuplexEngine
@@ -165,15 +166,17 @@ class DuplexSession:
         self.audio_buffer = np.zeros(0, dtype=np.float32)
         self.audio_encoder = StreamingAudioEncoder(engine.model, engine.audio_slots, self.slot)
         self.units_run = 0
-        # The recent-token window: a deque for the eager rule; for the captured rule, the settings (normal
-        # and text-only steps) and a device ring of `repetition_window` entries, padded to the rule's size.
+        # The recent-token window: a deque for the eager rule; for the captured rule, the slot's `RuleState`
+        # (settings rows, a device ring of `repetition_window` entries padded to the rule's size, the unit's
+        # random numbers). A chosen id is written to the ring when it is fed (by the token step) or when
+        # the ring is next read, whichever comes first (`_ring_unwritten`).
         self.recent_ids: deque[int] = deque(maxlen=self.params.repetition_window)
         self.captured_rule = engine.heads is not None and self.params.fits_captured_rule()
         if self.captured_rule:
-            self._rule_settings = {text_only: self.params.as_tensor(engine.device, text_only)
-                                   for text_only in (False, True)}
-            self._recent_ring = torch.full((RULE_WINDOW_MAX,), -1, dtype=torch.long, device=engine.device)
+            self._rule = engine.heads.reset_rule(self.slot, self.params)
             self._recent_count = 0
+            self._ring_unwritten: tuple[int, int] | None = None
+        self._uniforms = torch.zeros(0, 2)  # this unit's random numbers, a row per rule call
         self.turn_open = False
         self.turn_text_tokens = 0
         self.turn_speaking_units = 0
@@ -207,25 +210,59 @@ class DuplexSession:
     def _embed(self, ids: list[int]) -> torch.Tensor:
         return self._model.llm.embed(torch.tensor(ids, dtype=torch.long, device=self.engine.device))
 
-    def _next_token(self, hidden: torch.Tensor, text_only: bool = False) -> int:
-        """The decode rule on the last position of hidden [1, T, H]: the engine's captured LM head + rule
-        when the session's settings fit it, else the same rule called eagerly. `text_only` masks control
-        tokens (the forced schedule's text steps)."""
+    def _next_token(self, hidden_last: torch.Tensor, row: int, text_only: bool = False) -> int:
+        """The decode rule on post-norm hidden [1, H] with the unit's random-number row `row`: the engine's
+        captured LM head + rule when the session's settings fit it, else the same rule called eagerly.
+        `text_only` masks control tokens (the forced schedule's text steps)."""
         engine = self.engine
         if self.captured_rule:
-            uniforms = draw_uniforms(self.params, self.generator, engine.device)
-            return int(engine.heads.llm(hidden[:, -1], self._rule_settings[text_only], self._recent_ring, uniforms))
-        return choose_token(engine.logits(hidden[:, -1]), self.params, self.recent_ids, engine.forbidden_mask,
-                            self.generator, text_only=text_only, control=engine.control_mask)
+            self._write_remembered()
+            rule = self._rule
+            return int(engine.heads.llm(hidden_last, rule.settings[int(text_only)], rule.ring, rule.uniforms[row]))
+        return choose_token(engine.logits(hidden_last), self.params, self.recent_ids, engine.forbidden_mask,
+                            None, text_only=text_only, control=engine.control_mask, uniforms=self._uniforms[row])
+
+    def _feed(self, token: int, rule_row: int | None, text_only: bool) -> tuple[torch.Tensor, int | None]:
+        """Feed one chosen token; with `rule_row`, also run the decode rule on its hidden state (the token
+        step, one call, when the rule is captured). Returns (post-norm hidden [1, H], the rule's choice or
+        None when it has not run)."""
+        if self.captured_rule and self.engine.llm_steps is not None and rule_row is not None and not self.unfed_ids:
+            assert self._ring_unwritten is not None  # every fed token was remembered first
+            ring_index, ring_token = self._ring_unwritten
+            self._ring_unwritten = None
+            chosen, hidden = self.engine.llm_steps(self.slot, token, self.position, ring_index, ring_token,
+                                                   text_only, rule_row)
+            self.position += 1
+            return hidden.view(1, -1), chosen
+        hidden = self._forward(self._embed([token]))[:, -1]
+        return hidden, None if rule_row is None else self._next_token(hidden, rule_row, text_only)
 
     def _remember(self, token: int) -> None:
-        """Add a chosen token to the recent-token window: the device ring of the captured rule, or the deque
-        the eager rule reads."""
+        """Add a chosen token to the recent-token window: the deque the eager rule reads, or the device
+        ring of the captured rule (written when fed or before the ring is next read)."""
         if self.captured_rule:
-            self._recent_ring[self._recent_count % self.params.repetition_window] = token
+            self._write_remembered()
+            self._ring_unwritten = (self._recent_count % self.params.repetition_window, token)
             self._recent_count += 1
         else:
             self.recent_ids.append(token)
+
+    def _write_remembered(self) -> None:
+        """Write the remembered token the ring does not hold yet."""
+        if self._ring_unwritten is not None:
+            index, token = self._ring_unwritten
+            self._rule.ring[index] = token
+            self._ring_unwritten = None
+
+    def _draw_uniforms(self, rule_calls: int) -> None:
+        """This unit's random numbers, drawn up front: a row for each of at most `rule_calls` rule calls."""
+        if rule_calls > RULE_CALLS_MAX:
+            raise ValueError(f"at most {RULE_CALLS_MAX} decode steps per unit, asked for {rule_calls}")
+        drawn = draw_uniforms(self.params, self.generator, self.engine.device, rule_calls)
+        if self.captured_rule:
+            self._rule.uniforms[:rule_calls].copy_(drawn)
+            drawn = self._rule.uniforms
+        self._uniforms = drawn
 
     def evict_positions(self, start: int, end: int, length: int) -> None:
         """KVOperations: drop KV positions [start, end) of this slot and shift the rest left."""
@@ -329,7 +366,7 @@ class DuplexSession:
             start = self.position
             hidden = self._forward(self._prefill_embeds(vision_embeds, audio_embeds))
         with timer.stage("llm"):
-            generated = self._generate(hidden, unit_index, force_listen)
+            generated = self._generate(hidden[:, -1], unit_index, force_listen)
         kv_length = self.position
         audio, n_codes = self._speak(generated, timer)
         self.units_run += 1
@@ -391,9 +428,10 @@ class DuplexSession:
     def _generate(self, hidden: torch.Tensor, unit_index: int, force_listen: bool) -> _Generated:
         """The per-unit generate loop of MODEL.md §4 (terminators are deferred to finalize).
 
-        `hidden` is the prefill's output. Every step but a forced terminator runs the decode rule, also when
-        the schedule overrides its choice (a forced listen, the forced schedule's scripted tokens), so the
-        work per unit does not depend on who decides.
+        `hidden` is the prefill's last post-norm hidden state [1, H]. Every step but a forced terminator runs
+        the decode rule, also when the schedule overrides its choice (a forced listen, the forced schedule's
+        scripted tokens), so the work per unit does not depend on who decides. A fed token and the next
+        step's rule run as one call where they can (`_feed`).
         """
         out = _Generated()
         forced_listen = self._forced_listen(unit_index, force_listen)
@@ -405,11 +443,18 @@ class DuplexSession:
             out.end_of_turn = True
             self._end_turn()
         max_steps = self.settings.max_new_speak_tokens_per_chunk
+        self._draw_uniforms(max_steps)
+
+        def runs_rule(step: int) -> bool:
+            return step < max_steps and (forced_listen or step < max_steps - 1)
+
+        # The rule's choice for the current step (computed by the previous step's feed from the second on).
+        chosen = self._next_token(hidden, 0, text_only=scripted) if runs_rule(0) else tokens.CHUNK_EOS
         for step in range(max_steps):
-            if step == max_steps - 1 and not forced_listen:
+            if not runs_rule(step):
                 token = tokens.CHUNK_EOS
             else:
-                token = self._next_token(hidden, text_only=scripted)
+                token = chosen
                 if forced_listen:
                     token = tokens.LISTEN
                 elif scripted:
@@ -429,7 +474,7 @@ class DuplexSession:
                 if len(candidate) >= MAX_UNIT_TEXT_CHARS:
                     out.terminator = tokens.CHUNK_EOS
                     break
-            hidden = self._forward(self._embed([token]))
+            hidden, chosen = self._feed(token, step + 1 if runs_rule(step + 1) else None, text_only=scripted)
             out.fed_ids.append(token)
             out.forwards += 1
             out.spoke = True
@@ -440,8 +485,10 @@ class DuplexSession:
                 self.turn_open = True
             if is_text:
                 out.text_ids.append(token)
-                out.text_hidden.append(hidden[0, -1])
+                out.text_hidden.append(hidden[0])
                 self.turn_text_tokens += 1
+        if self.captured_rule:
+            self._write_remembered()
         out.spoke = out.spoke or self.turn_open  # an open turn keeps speaking even with nothing new fed
         return out
 
@@ -466,8 +513,7 @@ class DuplexSession:
                     self.tts_position = 0  # a very long turn: restart the TTS context
                 codes, self.tts_position = tts.generate_codes(
                     condition, self.slot, self.tts_position, self.settings.tts_temperature, min_new, max_new,
-                    self.generator, backbone=self.engine.tts_runner,
-                    sampler=self.engine.heads.tts if self.engine.heads is not None else None,
+                    self.generator, backbone=self.engine.tts_runner, steps=self._code_steps(),
                 )
             with timer.stage("token2wav"):
                 pieces = [self.vocoder.push(codes)]
@@ -480,6 +526,14 @@ class DuplexSession:
         if generated.end_of_turn:
             self._end_turn()
         return audio, len(codes)
+
+    def _code_steps(self) -> CodeStepper:
+        """How the TTS code loop steps: the engine's token steps, else the runner and the captured head (if
+        any) one step at a time."""
+        engine = self.engine
+        if engine.tts_steps is not None:
+            return engine.tts_steps
+        return CodeSteps(self._model.tts, engine.tts_runner, engine.heads.tts if engine.heads is not None else None)
 
     def _tts_condition(self, generated: _Generated) -> torch.Tensor:
         tts = self._model.tts

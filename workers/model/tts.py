@@ -2,14 +2,16 @@
 
 A Llama backbone turns a condition (text-token embeddings plus projected LLM hidden states) into speech
 codes, one codebook, 25 codes per second. The code loop in `generate_codes` is eager Python; each step
-is one `model` forward (compile-friendly: static shapes for a given (T, kv_len)) plus `sample_code`, the
-head and the sampling rule as fixed-shape tensor code without host synchronisation (the fast path
-replays it as a CUDA graph). The one sync per step is reading the code, to stop at EOS.
+(`CodeSteps`) is one `model` forward (compile-friendly: static shapes for a given (T, kv_len)) plus
+`sample_code`, the head and the sampling rule as fixed-shape tensor code without host synchronisation.
+The host reads every code, to stop at EOS; the fast path's steps (`workers/engine/token_steps.py`) keep
+the code on the device and run one step ahead of those reads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -114,49 +116,116 @@ class MiniCPMTTS(nn.Module):
     @torch.no_grad()
     def generate_codes(self, condition: Tensor, slot: int, start_pos: int, temperature: float, min_new: int,
                        max_new: int, generator: torch.Generator | None, penalty: float = 1.05,
-                       window: int = CODE_PENALTY_WINDOW, backbone: BackboneCall | None = None,
-                       sampler: SamplerCall | None = None) -> tuple[list[int], int]:
+                       backbone: BackboneCall | None = None, steps: CodeStepper | None = None
+                       ) -> tuple[list[int], int]:
         """Prefill `condition` at positions [start_pos, ...) of `slot`, then sample up to max_new codes.
 
-        Per step (`sample_code`): logits / temperature, sign-aware frequency penalty over the last `window`
-        codes of this call, EOS masked while fewer than min_new codes exist, one draw with `generator`
-        (argmax when temperature == 0). Stops at EOS (not returned) or after max_new codes; as in Hugging
-        Face generate, the final sampled code is not fed. Returns (codes, next_pos): the next call of the
-        same turn passes next_pos as start_pos; a new turn starts again at 0. `backbone(x, start_pos, slot)`
-        runs the Llama backbone (an acceleration runner) and `sampler` stands for `sample_code` (a captured
-        graph of it); by default both run directly.
+        Per step (`sample_code`): logits / temperature, sign-aware frequency penalty over the last
+        CODE_PENALTY_WINDOW codes of this call, EOS masked while fewer than min_new codes exist, one draw with
+        `generator` (argmax when temperature == 0). Stops at EOS (not returned) or after max_new codes; as in
+        Hugging Face generate, the final sampled code is not fed. Returns (codes, next_pos): the next call of
+        the same turn passes next_pos as start_pos; a new turn starts again at 0. `backbone(x, start_pos,
+        slot)` runs the prefill (an acceleration runner; by default the model directly) and `steps` the
+        per-code steps (default: `CodeSteps` on the same backbone, one step at a time).
         """
         max_len = self.model.cache_max_len
+        if max_new < 1:
+            raise ValueError(f"max_new must be at least 1, got {max_new}")
         if start_pos + condition.shape[1] + max_new > max_len:
             raise ValueError(f"TTS cache too short: start {start_pos} + condition {condition.shape[1]} "
                              f"+ {max_new} codes > {max_len}; reset or enlarge the TTS cache")
         device = condition.device
-        sampler = self.sample_code if sampler is None else sampler
-        settings = [torch.tensor([temperature if temperature > 0 else 1.0, penalty, float(blocked)],
-                                 device=device) for blocked in (False, True)]
+        backbone = self.run_backbone if backbone is None else backbone
+        steps = CodeSteps(self, backbone) if steps is None else steps
+        settings = torch.tensor([[temperature if temperature > 0 else 1.0, penalty, float(blocked)]
+                                 for blocked in (False, True)], device=device)
         if temperature > 0:
             uniforms = torch.rand(max_new, generator=generator, device=device)
         else:
             uniforms = torch.full((max_new,), -1.0, device=device)
-        recent = torch.full((window,), -1, dtype=torch.long, device=device)
-        inputs, pos = condition, start_pos
+        steps.start(slot, settings, uniforms)
+        pos = start_pos + condition.shape[1]
+        pending = [steps.first(backbone(condition, start_pos, slot)[:, -1], 0 < min_new)]
         codes: list[int] = []
         for step in range(max_new):
-            if backbone is None:
-                input_pos = torch.arange(pos, pos + inputs.shape[1], device=device)
-                hidden = self.model(inputs, input_pos, slot, round_up_kv_len(pos + inputs.shape[1], max_len))
-            else:
-                hidden = backbone(inputs, pos, slot)
-            pos += inputs.shape[1]
-            code = sampler(hidden[:, -1], settings[step < min_new], recent, uniforms[step:step + 1])
-            code_id = int(code)
-            if code_id == self.eos_code:
-                break
-            codes.append(code_id)
-            recent[step % window] = code[0]
-            if step + 1 < max_new:
-                inputs = self.emb_code[0](code.view(1, 1))
-        return codes, pos
+            # Launch up to `lookahead` steps beyond the one read next (step k feeds code k - 1 at pos + k - 1).
+            while len(pending) < min(max_new, step + 1 + steps.lookahead):
+                k = len(pending)
+                pending.append(steps.next(k, pos + k - 1, k < min_new))
+            code = steps.read(pending[step])
+            if code == self.eos_code:
+                steps.finish()
+                return codes, pos + len(codes)
+            codes.append(code)
+        steps.finish()
+        return codes, pos + len(codes) - 1
+
+    def run_backbone(self, x: Tensor, start_pos: int, slot: int) -> Tensor:
+        """The backbone called directly (`BackboneCall`): x [1, T, H] at [start_pos, start_pos + T)."""
+        input_pos = torch.arange(start_pos, start_pos + x.shape[1], device=x.device)
+        return self.model(x, input_pos, slot, round_up_kv_len(start_pos + x.shape[1], self.model.cache_max_len))
+
+
+class CodeStepper(Protocol):
+    """How `MiniCPMTTS.generate_codes` runs its per-code steps.
+
+    The loop calls `start` with the call's settings rows (EOS allowed, EOS blocked) and random numbers, `first`
+    on the prefill's last hidden state, `next` for each later code, and `read`s each code's id from what
+    `first` and `next` returned; `finish` waits for what is still running. `lookahead`: how many steps the
+    loop may launch beyond the one whose code it reads next.
+    """
+
+    lookahead: int
+
+    def start(self, slot: int, settings: Tensor, uniforms: Tensor) -> None: ...
+
+    def first(self, hidden_last: Tensor, blocked: bool) -> Any: ...
+
+    def next(self, step: int, position: int, blocked: bool) -> Any: ...
+
+    def read(self, pending: Any) -> int: ...
+
+    def finish(self) -> None: ...
+
+
+class CodeSteps:
+    """A `CodeStepper` that runs one step at a time: feed the last code through `backbone`, then `sampler`
+    (`MiniCPMTTS.sample_code`, or a captured call of it) picks the next; its code is read before the next
+    step starts (`lookahead` 0). The fast path's steps keep the code on the device and run one step ahead
+    (`workers.engine.token_steps.TTSTokenSteps`).
+    """
+
+    lookahead = 0
+
+    def __init__(self, tts: MiniCPMTTS, backbone: BackboneCall, sampler: SamplerCall | None = None) -> None:
+        self.tts, self.backbone = tts, backbone
+        self.sampler = tts.sample_code if sampler is None else sampler
+        self.window = CODE_PENALTY_WINDOW
+
+    def start(self, slot: int, settings: Tensor, uniforms: Tensor) -> None:
+        self.slot, self.settings, self.uniforms = slot, settings, uniforms
+        self.recent = torch.full((self.window,), -1, dtype=torch.long, device=settings.device)
+
+    def first(self, hidden_last: Tensor, blocked: bool) -> Tensor:
+        """Code 0 from the prefill's post-norm hidden [1, H]."""
+        return self._sample(hidden_last, 0, blocked)
+
+    def next(self, step: int, position: int, blocked: bool) -> Tensor:
+        """Feed code step - 1 at `position`, sample code `step`."""
+        hidden = self.backbone(self.tts.emb_code[0](self.code.view(1, 1)), position, self.slot)
+        return self._sample(hidden[:, -1], step, blocked)
+
+    def read(self, code: Tensor) -> int:
+        return int(code)
+
+    def finish(self) -> None:
+        """Nothing runs ahead here."""
+
+    def _sample(self, hidden_last: Tensor, step: int, blocked: bool) -> Tensor:
+        code = self.sampler(hidden_last, self.settings[int(blocked)], self.recent, self.uniforms[step:step + 1])
+        self.recent[step % self.window] = code[0]
+        self.code = code
+        return code
 
 
 def frequency_penalty(logits: Tensor, recent: Tensor, penalty: Tensor | float) -> Tensor:
