@@ -34,6 +34,8 @@
 #                     (default both: without_decode_kernels without_decode_fusion; empty: none)
 #   KERNELS_BENCH_KERNELS   the kernels_bench step's kernels, comma-separated (default all; the whole
 #                     table does not fit one call: `python -m bench.kernels --help` names them)
+#   KERNELS_BENCH_LIMIT_S   the kernels_bench step's time limit (default 420; the table is written after
+#                     every case, so a step cut short keeps the cases it finished)
 #   DUPLEX_MODES, DUPLEX_UNITS, DUPLEX_WARMUP_UNITS   the duplex benchmark's modes and unit counts
 #   PYTHON            interpreter (default python3)
 set -u
@@ -126,7 +128,7 @@ if wanted session_equivalence; then
         tests/test_session_equivalence.py tests/test_token_steps.py
 fi
 if wanted kernels_bench; then
-    step kernels_bench 420 "$PYTHON" -m bench.kernels --out "$OUT/kernels.json" \
+    step kernels_bench "${KERNELS_BENCH_LIMIT_S:-420}" "$PYTHON" -m bench.kernels --out "$OUT/kernels.json" \
         ${KERNELS_BENCH_KERNELS:+--kernels "$KERNELS_BENCH_KERNELS"}
 fi
 if wanted gemv_sweep; then

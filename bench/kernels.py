@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,11 +258,16 @@ def measure(case: Case) -> dict[str, object]:
         "torch_eager": case.reference_fn,
         "torch_compile": compiled_reference,
     }
-    timings = {name: _median_us(lambda fn=fn: fn(*case.inputs)) for name, fn in variants.items()}
+    timings, wall_s = {}, {}
+    for name, fn in variants.items():
+        began = time.perf_counter()
+        timings[name] = _median_us(lambda fn=fn: fn(*case.inputs))
+        wall_s[name] = round(time.perf_counter() - began, 1)  # what measuring it took (the compile included)
     pairs = zip(_as_tuple(case.triton_fn(*case.inputs)), _as_tuple(case.reference_fn(*case.inputs)))
     result: dict[str, object] = {
         "kernel": case.kernel, "model": case.model, "rows": case.rows, "cols": case.cols,
         "max_abs_err": max((got.float() - want.float()).abs().max().item() for got, want in pairs),
+        "bench_wall_s": wall_s,
     }
     if case.weight_bytes:
         result["triton_gbs"] = round(case.weight_bytes / timings["triton"]["graph_us"] / 1e3, 1)
