@@ -54,6 +54,7 @@ SYSTEM_PROMPT = "Streaming Omni Conversation."
 DEFAULT_VOICE = Path("assets/default_voice.wav")
 STAGES = ("vision", "audio", "prefill", "llm", "tts", "token2wav")
 FORCED_CYCLE_UNITS = 8
+CODES_PER_SECOND = 25  # TTS codes per second of speech (MODEL.md)
 
 
 def _positive_int(text: str) -> int:
@@ -160,6 +161,9 @@ def summarize(measured: list[tuple[UnitResult, float, float]]) -> dict[str, Any]
                                if decode_steps else None),
         "tts_decode_step_ms": (sum(r.timings_ms.get("tts", 0.0) for r in speak_results) / tts_codes
                                if tts_codes else None),
+        # token2wav's time per second of speech (25 codes; a turn's last unit also flushes the vocoder)
+        "token2wav_ms_per_speech_s": (sum(r.timings_ms.get("token2wav", 0.0) for r in speak_results)
+                                      * CODES_PER_SECOND / tts_codes if tts_codes else None),
         "session_end": next((r.session_end for r, _, _ in measured if r.session_end), None),
     }
 

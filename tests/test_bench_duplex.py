@@ -43,4 +43,17 @@ def test_bench_prints_one_json_object(tmp_path: Path) -> None:
     assert set(stages) == {"vision", "audio", "prefill", "llm", "tts", "token2wav", "finalize"}
     assert stages["vision"] > 0 and stages["llm"] > 0 and stages["token2wav"] > 0
     assert report["llm_decode_step_ms"] > 0 and report["tts_decode_step_ms"] > 0
+    assert report["token2wav_ms_per_speech_s"] > 0
     assert report["peak_memory"]["rss_bytes"] > 0
+
+
+def test_mode_specs_carry_compile_overrides() -> None:
+    from bench.duplex import mode_spec, parse_args
+
+    assert mode_spec("fast") == ("fast", {})
+    assert mode_spec("fast+token_steps=false+decode_fusion=0") == ("fast", {"token_steps": "false",
+                                                                           "decode_fusion": "0"})
+    assert parse_args(["--mode", "fast,fast+token_steps=false"]).mode == ["fast", "fast+token_steps=false"]
+    for bad in ("quick", "fast+token_steps", "fast+no_such_key=1", "fast+token_steps=maybe", ","):
+        with pytest.raises(SystemExit):
+            parse_args(["--mode", bad])
