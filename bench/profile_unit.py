@@ -4,9 +4,10 @@
 
 Builds one engine in `fast` mode (random weights, forced schedule), warms it up with one forced cycle, then
 measures each component on its own, `--repeats` times (median): the LLM decode step and a 16-token prefill
-(the runner's captured graphs), the LM head plus the decode rule, a TTS decode step plus code sampling,
-one vision slice, one second of audio, and token2wav on 25 codes; the LM head plus the decode rule
-also eagerly, for comparison. A torch.profiler pass over one speak
+(the runner's captured graphs), the LM head plus the decode rule (captured, and eagerly for comparison), a
+decode step then the head (two calls) against the token step doing both (one call), a TTS decode step plus
+code sampling, a forced unit's 25 TTS codes one step at a time against the token steps, one vision slice,
+one second of audio, and token2wav on 25 codes. A torch.profiler pass over one speak
 unit (graphs included) and one over a few uncaptured LLM decode steps give the top kernels by GPU time.
 Prints one JSON object; `--out` also writes it.
 """
@@ -148,15 +149,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "llm_head_and_rule": logits_and_rule,
         "llm_head_and_rule_eager": logits_and_rule_eager,
         "llm_step_then_head_and_rule": llm_step_then_rule,
-        "llm_token_step": llm_token_step,
         "tts_decode_step": lambda: tts_runner(t1, 40, 1),
         "tts_head_and_sample": tts_sample,
         "tts_25_codes_one_at_a_time": tts_codes(CodeSteps(model.tts, tts_runner, engine.heads.tts)),
-        "tts_25_codes_token_steps": tts_codes(engine.tts_steps),
         "vision_slice": lambda: model.encode_images(image),
         "audio_second": lambda: audio.feed(chunks[1]),
         "token2wav_25_codes": token2wav_25,
     }
+    if engine.llm_steps is not None and engine.tts_steps is not None:  # compile.token_steps
+        components.update(llm_token_step=llm_token_step, tts_25_codes_token_steps=tts_codes(engine.tts_steps))
     timings = {name: median_ms(fn, args.repeats) for name, fn in components.items()}
 
     speak_index = 8 + 3  # the next cycle's first speaking unit

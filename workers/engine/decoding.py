@@ -17,8 +17,8 @@ One implementation, `decode_rule`, serves every path: it has no host synchronisa
 data-dependent shapes (the settings arrive as a tensor, the window as a fixed-size id buffer padded with
 -1, the two random numbers as a tensor), so the fast path captures it in a CUDA graph with the LM head,
 and `choose_token` runs the same code eagerly. Random draws invert the cumulative distribution with one
-uniform number each; a sampling step always draws two (`draw_uniforms`), so both paths consume the
-session's generator alike.
+uniform number each; a sampling step reads two (`draw_uniforms`). A session draws a unit's rows up front,
+two per possible step, so both paths consume its generator alike.
 """
 
 from __future__ import annotations

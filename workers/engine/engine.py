@@ -160,6 +160,7 @@ class DuplexEngine:
             return self.model.llm.logits(hidden_last)[0]
         return torch.nn.functional.linear(hidden_last.to(self.logits_head.dtype), self.logits_head)[0].float()
 
+    @torch.no_grad()  # as sessions run: dynamo guards on grad mode, so a compile here must match theirs
     def warmup(self) -> None:
         """Compile and capture every decoder shape a session can need, for every slot, and with CUDA
         graphs also token2wav's chunk step and the audio encoder's unit per slot, and the vision encoder

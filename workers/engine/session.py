@@ -176,7 +176,7 @@ class DuplexSession:
             self._rule = engine.heads.reset_rule(self.slot, self.params)
             self._recent_count = 0
             self._ring_unwritten: tuple[int, int] | None = None
-        self._uniforms = torch.zeros(0, 2)  # this unit's random numbers, a row per rule call
+        self._uniforms = torch.zeros(0, 2)  # the eager rule's random numbers of this unit, a row per rule call
         self.turn_open = False
         self.turn_text_tokens = 0
         self.turn_speaking_units = 0
@@ -255,14 +255,15 @@ class DuplexSession:
             self._ring_unwritten = None
 
     def _draw_uniforms(self, rule_calls: int) -> None:
-        """This unit's random numbers, drawn up front: a row for each of at most `rule_calls` rule calls."""
+        """This unit's random numbers, drawn up front (so that a token step reads its row on the device): a
+        row of two for each of at most `rule_calls` rule calls, whether or not the unit makes them all."""
         if rule_calls > RULE_CALLS_MAX:
             raise ValueError(f"at most {RULE_CALLS_MAX} decode steps per unit, asked for {rule_calls}")
         drawn = draw_uniforms(self.params, self.generator, self.engine.device, rule_calls)
         if self.captured_rule:
             self._rule.uniforms[:rule_calls].copy_(drawn)
-            drawn = self._rule.uniforms
-        self._uniforms = drawn
+        else:
+            self._uniforms = drawn
 
     def evict_positions(self, start: int, end: int, length: int) -> None:
         """KVOperations: drop KV positions [start, end) of this slot and shift the rest left."""
@@ -487,8 +488,6 @@ class DuplexSession:
                 out.text_ids.append(token)
                 out.text_hidden.append(hidden[0])
                 self.turn_text_tokens += 1
-        if self.captured_rule:
-            self._write_remembered()
         out.spoke = out.spoke or self.turn_open  # an open turn keeps speaking even with nothing new fed
         return out
 

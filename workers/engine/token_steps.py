@@ -17,8 +17,8 @@ writes the step's few integers into a pinned control row, one copy uploads it, a
 
 The graphs read per-slot state at fixed addresses: the LLM rule's settings rows, recent-token ring and this
 unit's random numbers (`DecodeHeads.rule_states`); the TTS sampler's settings rows, recent codes, this call's
-random numbers and the last code (`SamplerState`, kept here). The calls are built for every (slot, kv bucket) by `warmup`; one
-first met later is built then and, when it captures a graph, counted in `late_captures` (part of
+random numbers and the last code (`SamplerState`, kept here). The calls are built for every (slot, kv bucket) by `warmup`; a graph
+captured or compiled by a call after it is counted in `late_captures` (part of
 `DuplexEngine.recompiles_since_warmup()`). Without CUDA graphs (CPU) the same functions run on the same buffers.
 """
 
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from workers.engine.graphs import CapturedCall, CapturedCalls, Outputs
 from workers.engine.heads import DecodeHeads
-from workers.engine.runners import DecoderRunner
+from workers.engine.runners import DecoderRunner, dynamo_graph_count
 from workers.model.omni import OmniModel
 from workers.model.tts import CODE_PENALTY_WINDOW
 
@@ -57,6 +57,7 @@ class _StepCalls:
                  preserve: Callable[[int], Sequence[Tensor]]) -> None:
         self.runner, self._step, self._preserve = runner, step, preserve
         self._calls = CapturedCalls(runner.cuda_graphs)
+        self._late_compiles = 0
 
     @torch.no_grad()
     def warmup(self, slots: Sequence[int], example: Callable[[int], list[int]]) -> None:
@@ -70,19 +71,21 @@ class _StepCalls:
     @torch.no_grad()  # as the runner's calls: the compiled layers are guarded on it
     def __call__(self, slot: int, position: int, control: Tensor) -> Outputs:
         kv_len = self.runner.decode_kv_len(position)
+        graphs_before = dynamo_graph_count()
         call = self._calls.get((slot, kv_len)) or self._add(slot, kv_len, control)
         if call.captured:
-            return call(control)
-        with self.runner.kernel_switches():
-            return call(control)
+            outputs = call(control)
+        else:
+            with self.runner.kernel_switches():
+                outputs = call(control)
+        if self._calls.warm:
+            self._late_compiles += dynamo_graph_count() - graphs_before
+        return outputs
 
     @property
     def late_captures(self) -> int:
-        return self._calls.late_captures
-
-    @property
-    def count(self) -> int:
-        return len(self._calls)
+        """Graphs captured and dynamo graphs compiled by calls after `warmup()` (should be 0)."""
+        return self._calls.late_captures + self._late_compiles
 
     def _add(self, slot: int, kv_len: int, example: Tensor) -> CapturedCall:
         with self.runner.kernel_switches():
@@ -91,7 +94,8 @@ class _StepCalls:
 
 
 class LLMTokenSteps:
-    """The LLM's decode step + LM head + decode rule per slot (see the module docstring)."""
+    """The LLM's decode step + LM head + decode rule per slot (see the module docstring). One call at a time
+    (the engine's model thread): the calls share one host control row."""
 
     def __init__(self, model: OmniModel, runner: DecoderRunner, heads: DecodeHeads, slots: int) -> None:
         device = runner.device
@@ -117,10 +121,6 @@ class LLMTokenSteps:
     @property
     def late_captures(self) -> int:
         return self._calls.late_captures
-
-    @property
-    def graph_count(self) -> int:
-        return self._calls.count
 
     def _step(self, slot: int, kv_len: int, control: Tensor) -> tuple[Tensor, Tensor]:
         state = self.heads.rule_states[slot]
@@ -151,7 +151,7 @@ class TTSTokenSteps:
     def __init__(self, model: OmniModel, runner: DecoderRunner, heads: DecodeHeads, slots: int) -> None:
         device = runner.device
         self.model, self.runner, self.heads = model, runner, heads
-        self.states = [SamplerState(torch.zeros(2, 3, device=device),
+        self.states = [SamplerState(torch.ones(2, 3, device=device),
                                     torch.full((CODE_PENALTY_WINDOW,), -1, dtype=torch.long, device=device),
                                     torch.zeros(TTS_CODES_MAX, device=device),
                                     torch.zeros(1, dtype=torch.long, device=device)) for _ in range(slots)]
@@ -171,10 +171,6 @@ class TTSTokenSteps:
     @property
     def late_captures(self) -> int:
         return self._calls.late_captures
-
-    @property
-    def graph_count(self) -> int:
-        return self._calls.count
 
     # ------------------------------------------------------------------------------- CodeStepper
     def start(self, slot: int, settings: Tensor, uniforms: Tensor) -> None:
@@ -213,7 +209,7 @@ class TTSTokenSteps:
         """Start copying code `step` to the host; `read(step)` waits for it."""
         self._codes[step].copy_(code, non_blocking=True)
         if self._events is not None:
-            self._events[step].record()
+            self._events[step].record(torch.cuda.current_stream(self.runner.device))
         self._last = step
         return step
 

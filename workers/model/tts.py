@@ -124,7 +124,7 @@ class MiniCPMTTS(nn.Module):
         CODE_PENALTY_WINDOW codes of this call, EOS masked while fewer than min_new codes exist, one draw with
         `generator` (argmax when temperature == 0). Stops at EOS (not returned) or after max_new codes; as in
         Hugging Face generate, the final sampled code is not fed. Returns (codes, next_pos): the next call of
-        the same turn passes next_pos as start_pos; a new turn starts again at 0. `backbone(x, start_pos,
+        the same turn passes next_pos as start_pos; a new turn starts again at 0. max_new must be at least 1. `backbone(x, start_pos,
         slot)` runs the prefill (an acceleration runner; by default the model directly) and `steps` the
         per-code steps (default: `CodeSteps` on the same backbone, one step at a time).
         """
@@ -145,20 +145,21 @@ class MiniCPMTTS(nn.Module):
             uniforms = torch.full((max_new,), -1.0, device=device)
         steps.start(slot, settings, uniforms)
         pos = start_pos + condition.shape[1]
-        pending = [steps.first(backbone(condition, start_pos, slot)[:, -1], 0 < min_new)]
         codes: list[int] = []
-        for step in range(max_new):
-            # Launch up to `lookahead` steps beyond the one read next (step k feeds code k - 1 at pos + k - 1).
-            while len(pending) < min(max_new, step + 1 + steps.lookahead):
-                k = len(pending)
-                pending.append(steps.next(k, pos + k - 1, k < min_new))
-            code = steps.read(pending[step])
-            if code == self.eos_code:
-                steps.finish()
-                return codes, pos + len(codes)
-            codes.append(code)
-        steps.finish()
-        return codes, pos + len(codes) - 1
+        try:
+            pending = [steps.first(backbone(condition, start_pos, slot)[:, -1], 0 < min_new)]
+            for step in range(max_new):
+                # Launch up to `lookahead` steps beyond the one read next (step k feeds code k - 1 at pos + k - 1).
+                while len(pending) < min(max_new, step + 1 + steps.lookahead):
+                    k = len(pending)
+                    pending.append(steps.next(k, pos + k - 1, k < min_new))
+                code = steps.read(pending[step])
+                if code == self.eos_code:
+                    return codes, pos + len(codes)  # every code returned was fed
+                codes.append(code)
+            return codes, pos + len(codes) - 1  # the last code is not fed
+        finally:
+            steps.finish()
 
     def run_backbone(self, x: Tensor, start_pos: int, slot: int) -> Tensor:
         """The backbone called directly (`BackboneCall`): x [1, T, H] at [start_pos, start_pos + T)."""
