@@ -32,6 +32,7 @@ Needs CUDA; elsewhere it prints {"skipped": ...} and exits 0.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -73,7 +74,9 @@ DTYPE = torch.bfloat16
 
 @dataclass(frozen=True)
 class Case:
-    """One kernel at one shape: the Triton op, its reference, and the inputs both take."""
+    """One kernel at one shape: the Triton op, its reference, and the inputs both take. A product's weight
+    comes last, from `weights` (identical copies, the next one at every call, so that no call finds its
+    weight in L2)."""
 
     kernel: str
     model: str
@@ -82,7 +85,18 @@ class Case:
     triton_fn: Callable[..., object]
     reference_fn: Callable[..., object]
     inputs: tuple[object, ...]
-    weight_bytes: int = 0  # bytes of the weight a product streams (gemv kernels), for bandwidth
+    weights: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weight a product streams per call (0 for the other kernels), for bandwidth."""
+        return self.weights[0].numel() * self.weights[0].element_size() if self.weights else 0
+
+    def caller(self, fn: Callable[..., object]) -> Callable[[], object]:
+        """fn (the Triton op, the reference or its compiled version) on this case's inputs: what is timed."""
+        if not self.weights:
+            return lambda: fn(*self.inputs)
+        return _cycling(fn, self.inputs, self.weights)
 
 
 def gemv_shapes() -> list[tuple[str, str, int, int]]:
@@ -118,9 +132,7 @@ def build_cases(device: torch.device, kernels: Collection[str] = KERNEL_NAMES) -
         width = 2 * cols if kernel == "swiglu_gemv" else cols
         x = torch.randn(1, 1, width, device=device, dtype=DTYPE)
         fns = (swiglu_gemv_op, swiglu_gemv_reference) if kernel == "swiglu_gemv" else (gemv_op, gemv_reference)
-        weights = _weight_copies(weight)
-        cases.append(Case(kernel, model, rows, cols, *(_cycling(fn, x, weights) for fn in fns), (),
-                          weight.numel() * weight.element_size()))
+        cases.append(Case(kernel, model, rows, cols, *fns, (x,), _weight_copies(weight)))
     # The decode-step kernels first, the norms last: a run cut short keeps what no earlier run measured.
     cases += decode_fusion_cases(device, kernels) + norm_cases(device)
     return [case for case in cases if case.kernel in kernels]
@@ -167,9 +179,8 @@ def decode_fusion_cases(device: torch.device, kernels: Collection[str] = KERNEL_
             if kernel not in kernels:
                 continue
             weights = _weight_copies(torch.randn(rows, cols, device=device, dtype=DTYPE) / cols**0.5)
-            calls = [_cycling(lambda x, w, fn=fn, extra=extra: fn(x, w, *extra), x_in, weights)
-                     for fn in (fused, reference)]
-            cases.append(Case(kernel, model, rows, cols, *calls, (), weights[0].numel() * weights[0].element_size()))
+            fns = [lambda x, w, fn=fn, extra=extra: fn(x, w, *extra) for fn in (fused, reference)]
+            cases.append(Case(kernel, model, rows, cols, *fns, (x_in,), weights))
         head_dim, kv_heads = args.head_dim, args.kv_heads
         qkv = torch.randn(1, 1, qkv_rows, device=device, dtype=DTYPE)
         qk_norm = model == "llm"  # Qwen3 normalises q and k; the TTS backbone does not
@@ -188,19 +199,20 @@ SWEEP_REP_MS = 10  # graph replays per config: enough for a stable median of a 2
 COLD_BYTES = 256 * 2**20  # several times the H100's L2 cache
 
 
-def _weight_copies(weight: torch.Tensor) -> list[torch.Tensor]:
+def _weight_copies(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The weight and identical copies, COLD_BYTES in all (at least the weight itself)."""
     count = max(1, -(-COLD_BYTES // (weight.numel() * weight.element_size())))
-    return [weight] + [weight.clone() for _ in range(count - 1)]
+    return (weight, *(weight.clone() for _ in range(count - 1)))
 
 
-def _cycling(fn: Callable[..., torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor]
-             ) -> Callable[[], torch.Tensor]:
-    """fn(x, w) for the next of the (identical) weights at every call, so no call finds its weight in L2."""
-    calls = iter(range(2**62))
+def _cycling(fn: Callable[..., object], inputs: tuple[object, ...], weights: tuple[torch.Tensor, ...]
+             ) -> Callable[[], object]:
+    """fn(*inputs, w) for the next of the (identical) weights at every call, so no call finds its weight in
+    L2. Not for torch.compile itself (compile `fn`): dynamo never returns from tracing the call counter."""
+    calls = itertools.count()
 
-    def call() -> torch.Tensor:
-        return fn(x, weights[next(calls) % len(weights)])
+    def call() -> object:
+        return fn(*inputs, weights[next(calls) % len(weights)])
 
     return call
 
@@ -222,7 +234,7 @@ def sweep_gemv(device: torch.device, report: Callable[[list[dict[str, object]]],
         norm = torch.randn(cols, device=device, dtype=DTYPE) if kernel == "gemv_norm" else None
         for config in GEMV_SWEEP:
             call = _cycling(lambda x, w, swiglu=swiglu, config=config, norm=norm:
-                            launch_gemv(x, w, swiglu, config, norm_weight=norm, eps=EPS), x, weights)
+                            launch_gemv(x, w, swiglu, config, norm_weight=norm, eps=EPS), (x,), weights)
             call()
             timings[config] = 1000.0 * do_bench_cudagraph(call, rep=SWEEP_REP_MS, return_mode="median")
         best = min(timings, key=timings.get)
@@ -261,9 +273,9 @@ def measure(case: Case) -> dict[str, object]:
     timings, wall_s = {}, {}
     for name, fn in variants.items():
         began = time.perf_counter()
-        timings[name] = _median_us(lambda fn=fn: fn(*case.inputs))
+        timings[name] = _median_us(case.caller(fn))
         wall_s[name] = round(time.perf_counter() - began, 1)  # what measuring it took (the compile included)
-    pairs = zip(_as_tuple(case.triton_fn(*case.inputs)), _as_tuple(case.reference_fn(*case.inputs)))
+    pairs = zip(_as_tuple(case.caller(case.triton_fn)()), _as_tuple(case.caller(case.reference_fn)()))
     result: dict[str, object] = {
         "kernel": case.kernel, "model": case.model, "rows": case.rows, "cols": case.cols,
         "max_abs_err": max((got.float() - want.float()).abs().max().item() for got, want in pairs),

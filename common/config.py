@@ -86,7 +86,8 @@ class CompileConfig(_Strict):
                                                   "(1-7 ms less per speak unit on an H200; docs/BENCHMARKS.md)")
     token_steps: bool = Field(True, description="fast mode: a decode step and its head (LM head + decode rule, "
                                                 "code head + sampling) as one call, TTS steps launched one ahead "
-                                                "of the host's reads (docs/BENCHMARKS.md)")
+                                                "of the host's reads (2.8 ms less per speak unit on an H100; "
+                                                "docs/BENCHMARKS.md)")
     cache_dir: str = "torch_compile_cache"
 
 

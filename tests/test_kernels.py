@@ -654,7 +654,24 @@ def test_bench_cases_cover_models_and_rows_and_feed_their_ops():
         (rows, cols) for rows, cols in GEMV_MODEL_SHAPES + SWIGLU_GEMV_MODEL_SHAPES + [(6562, 768)]
     }
     for case in (c for c in cases if c.rows == 1 or c.rows == DECODE_KV_LENS[0] or c.model == "tts"):
-        torch.testing.assert_close(case.triton_fn(*case.inputs), case.reference_fn(*case.inputs))
+        torch.testing.assert_close(case.caller(case.triton_fn)(), case.caller(case.reference_fn)())
+
+
+def test_bench_compiled_reference_compiles_once_over_the_weight_copies():
+    """A product's case feeds a different weight copy at every call; the compiled reference must take them
+    all with one graph (dynamo sees the reference, not the call counter that picks the copy)."""
+    from torch._dynamo.utils import counters
+
+    from bench.kernels import build_cases
+
+    case = next(c for c in build_cases(torch.device("cpu"), ("gemv",)) if c.model == "tts" and c.rows == 2304)
+    assert len(case.weights) > 2
+    torch._dynamo.reset()
+    graphs_before = counters["stats"]["unique_graphs"]
+    call = case.caller(torch.compile(case.reference_fn, dynamic=False))
+    for _ in range(len(case.weights) + 1):
+        call()
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
 
 
 def test_bench_kernel_filter_selects_rows_and_rejects_unknown_names(capsys):
