@@ -13,8 +13,9 @@ TTS max positions in the TTS cache, and one token2wav state); a session takes a 
 back on close.
 
 CUDA graphs (`fast` mode on CUDA with `compile.cuda_graphs`): the decoder runners, the step heads (LM head
-+ decode rule, TTS head + sampling), the token steps (a decode step with its head), token2wav's chunk step and the streaming audio unit per slot, and
-the vision encoder per image patch grid replay hand-captured graphs. `warmup()`
++ decode rule, TTS head + sampling), the token steps (a decode step with its head), token2wav's chunk
+step and the streaming audio unit per slot, and the vision encoder per image patch grid replay
+hand-captured graphs. `warmup()`
 compiles and captures them all before sessions (after `workers.compile.apply_torch_compile`, so the
 graphs hold the compiled code); what a session captures later is counted by `recompiles_since_warmup()`.
 """

@@ -269,7 +269,7 @@ class DecoderRunner:
 
     def _step(self, slot: int, length: int, kv_len: int) -> Tensor:
         """The captured computation: decoder forward over the staged buffer at start + offsets."""
-        return self.decode(self._inputs[length], self._start + self._offsets[length], slot, kv_len)
+        return self.decode(self._inputs[length], self._start, slot, kv_len)
 
     def decode_kv_len(self, position: int) -> int:
         """The attended length of `fast` mode's decode step at `position` (its kv bucket)."""
@@ -277,11 +277,13 @@ class DecoderRunner:
             raise ValueError(f"position {position} outside the slot length {self.max_len}")
         return round_up_kv_len(position + 1, self.max_len, self.kv_bucket)
 
-    def decode(self, x: Tensor, input_pos: Tensor, slot: int, kv_len: int) -> Tensor:
-        """`fast` mode's decoder forward of x [1, T, H] at input_pos (long [T]) -> post-norm hidden
-        [1, T, H], through the compiled layers and without staging: what this runner's graphs capture,
-        and what larger captured steps (workers/engine/token_steps.py) call inside theirs."""
+    def decode(self, x: Tensor, start: Tensor, slot: int, kv_len: int) -> Tensor:
+        """`fast` mode's decoder forward of x [1, T, H] (T = 1 or a prefill bucket) at positions start + [0, T)
+        (`start`: a long device tensor of one element) -> post-norm hidden [1, T, H], through the compiled
+        layers and without staging: what this runner's graphs capture, and what larger captured steps
+        (workers/engine/token_steps.py) call inside theirs."""
         decoder = self.decoder
+        input_pos = start + self._offsets[x.shape[1]]
         cos = decoder.rope_cos[input_pos].to(x.dtype)
         sin = decoder.rope_sin[input_pos].to(x.dtype)
         for index, layer in enumerate(decoder.layers):

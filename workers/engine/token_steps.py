@@ -17,9 +17,10 @@ writes the step's few integers into a pinned control row, one copy uploads it, a
 
 The graphs read per-slot state at fixed addresses: the LLM rule's settings rows, recent-token ring and this
 unit's random numbers (`DecodeHeads.rule_states`); the TTS sampler's settings rows, recent codes, this call's
-random numbers and the last code (`SamplerState`, kept here). The calls are built for every (slot, kv bucket) by `warmup`; a graph
-captured or compiled by a call after it is counted in `late_captures` (part of
-`DuplexEngine.recompiles_since_warmup()`). Without CUDA graphs (CPU) the same functions run on the same buffers.
+random numbers and the last code (`SamplerState`, kept here). The calls are built for every (slot, kv
+bucket) by `warmup`; a graph captured or compiled by a call after it is counted in `late_captures` (part of
+`DuplexEngine.recompiles_since_warmup()`). Without CUDA graphs (CPU) the same functions run on the same
+buffers.
 """
 
 from __future__ import annotations
@@ -100,7 +101,6 @@ class LLMTokenSteps:
     def __init__(self, model: OmniModel, runner: DecoderRunner, heads: DecodeHeads, slots: int) -> None:
         device = runner.device
         self.model, self.runner, self.heads = model, runner, heads
-        self._offset = torch.zeros(1, dtype=torch.long, device=device)
         # One row: each call reads its chosen id (a synchronisation) before the next writes the row again.
         self._control = _host_rows(1, 6, device)[0]
         self._control_values = self._control.numpy()
@@ -126,7 +126,7 @@ class LLMTokenSteps:
         state = self.heads.rule_states[slot]
         state.ring.index_copy_(0, control[_RING_INDEX:_RING_INDEX + 1], control[_RING_TOKEN:_RING_TOKEN + 1])
         x = self.model.llm.embed(control[_TOKEN:_TOKEN + 1]).to(self.model.llm_dtype)
-        hidden = self.runner.decode(x, control[_POSITION] + self._offset, slot, kv_len)
+        hidden = self.runner.decode(x, control[_POSITION], slot, kv_len)
         settings = state.settings.index_select(0, control[_TEXT_ONLY:_TEXT_ONLY + 1])[0]
         uniforms = state.uniforms.index_select(0, control[_UNIFORM_ROW:_UNIFORM_ROW + 1])[0]
         return self.heads.llm_rule(hidden[:, -1], settings, state.ring, uniforms), hidden[0, -1]
@@ -155,7 +155,6 @@ class TTSTokenSteps:
                                     torch.full((CODE_PENALTY_WINDOW,), -1, dtype=torch.long, device=device),
                                     torch.zeros(TTS_CODES_MAX, device=device),
                                     torch.zeros(1, dtype=torch.long, device=device)) for _ in range(slots)]
-        self._offset = torch.zeros(1, dtype=torch.long, device=device)
         # A row per step of a call: a step's row is uploaded while the host writes the next ones.
         self._controls = _host_rows(TTS_CODES_MAX, 3, device)
         self._control_values = self._controls.numpy()
@@ -216,7 +215,7 @@ class TTSTokenSteps:
     def _step(self, slot: int, kv_len: int, control: Tensor) -> Tensor:
         state, tts = self.states[slot], self.model.tts
         x = tts.emb_code[0](state.code.view(1, 1)).to(self.model.llm_dtype)
-        hidden = self.runner.decode(x, control[_CODE_POSITION] + self._offset, slot, kv_len)
+        hidden = self.runner.decode(x, control[_CODE_POSITION], slot, kv_len)
         step = control[_CODE_STEP:_CODE_STEP + 1]
         settings = state.settings.index_select(0, control[_CODE_BLOCKED:_CODE_BLOCKED + 1])[0]
         code = self.heads.tts_sample(hidden[:, -1], settings, state.recent, state.uniforms.index_select(0, step))

@@ -124,9 +124,10 @@ class MiniCPMTTS(nn.Module):
         CODE_PENALTY_WINDOW codes of this call, EOS masked while fewer than min_new codes exist, one draw with
         `generator` (argmax when temperature == 0). Stops at EOS (not returned) or after max_new codes; as in
         Hugging Face generate, the final sampled code is not fed. Returns (codes, next_pos): the next call of
-        the same turn passes next_pos as start_pos; a new turn starts again at 0. max_new must be at least 1. `backbone(x, start_pos,
-        slot)` runs the prefill (an acceleration runner; by default the model directly) and `steps` the
-        per-code steps (default: `CodeSteps` on the same backbone, one step at a time).
+        the same turn passes next_pos as start_pos; a new turn starts again at 0; max_new is at least 1.
+        `backbone(x, start_pos, slot)` runs the prefill (an acceleration runner; by default the model
+        directly) and `steps` the per-code steps (default: `CodeSteps` on the same backbone, one step at a
+        time).
         """
         max_len = self.model.cache_max_len
         if max_new < 1:
@@ -201,11 +202,10 @@ class CodeSteps:
     def __init__(self, tts: MiniCPMTTS, backbone: BackboneCall, sampler: SamplerCall | None = None) -> None:
         self.tts, self.backbone = tts, backbone
         self.sampler = tts.sample_code if sampler is None else sampler
-        self.window = CODE_PENALTY_WINDOW
 
     def start(self, slot: int, settings: Tensor, uniforms: Tensor) -> None:
         self.slot, self.settings, self.uniforms = slot, settings, uniforms
-        self.recent = torch.full((self.window,), -1, dtype=torch.long, device=settings.device)
+        self.recent = torch.full((CODE_PENALTY_WINDOW,), -1, dtype=torch.long, device=settings.device)
 
     def first(self, hidden_last: Tensor, blocked: bool) -> Tensor:
         """Code 0 from the prefill's post-norm hidden [1, H]."""
@@ -224,7 +224,7 @@ class CodeSteps:
 
     def _sample(self, hidden_last: Tensor, step: int, blocked: bool) -> Tensor:
         code = self.sampler(hidden_last, self.settings[int(blocked)], self.recent, self.uniforms[step:step + 1])
-        self.recent[step % self.window] = code[0]
+        self.recent[step % CODE_PENALTY_WINDOW] = code[0]
         self.code = code
         return code
 
