@@ -18,7 +18,7 @@
 #   SUITE_STEPS="session_equivalence"   (one eager and two fast fp32 sessions, and the token steps'
 #                                        sampled sessions: 2-3 minutes on an H200)
 #   SUITE_STEPS="gemv_sweep profile"
-#   SUITE_STEPS=kernels_bench KERNELS_BENCH_KERNELS=gemv   (the kernel table takes several calls)
+#   SUITE_STEPS=kernels_bench KERNELS_BENCH_KERNELS=gemv   (the whole kernel table may need two calls)
 #   SUITE_STEPS="duplex"
 #
 # Environment:

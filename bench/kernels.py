@@ -24,8 +24,9 @@ its RMSNorm prologue, the o and down GEMVs with their residual epilogue, and the
 shape, and with the norm prologue (`gemv_norm`) at the q/k/v and gate/up shapes, and reports the fastest
 (what `workers/kernels/gemv.py` GEMV_CONFIGS and NORM_CONFIGS should hold); with `--out` the
 report is rewritten after every shape (the table's after every case), so a run cut short keeps what it
-finished. The whole table does not fit one 10-minute device call (six cases finished inside a 230 s limit
-on an H100; each case compiles its reference afresh): `--kernels` runs the rows of the named kernels only.
+finished. On an H100 the 18 product and attention-prologue rows took 32 s together, the six decode
+attention rows about 38 s each (measured before the reference was compiled apart from the weight-cycling
+closure; each case compiles its reference afresh): `--kernels` runs the rows of the named kernels only.
 Needs CUDA; elsewhere it prints {"skipped": ...} and exits 0.
 """
 
