@@ -35,7 +35,6 @@ from workers.engine.decoding import choose_token
 from workers.engine.engine import DuplexEngine
 from workers.media import load_media
 from workers.model.image import slice_image
-from workers.model.layers import round_up_kv_len
 from workers.model.tts import CodeStepper, CodeSteps
 
 KERNEL_ROWS = 25
@@ -113,16 +112,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stream = engine.token2wav.new_stream(None, slot=1)
     audio = session.audio_encoder
 
-    def logits_and_rule() -> None:
-        int(engine.heads.llm(last, rule.settings[0], rule.ring, rule.uniforms[0]))  # the captured head + rule
+    def logits_and_rule(hidden_last: torch.Tensor = last) -> None:
+        """The captured LM head + rule on post-norm hidden [1, H]."""
+        int(engine.heads.llm(hidden_last, rule.settings[0], rule.ring, rule.uniforms[0]))
 
     def logits_and_rule_eager() -> None:
         choose_token(engine.logits(last), session.params, recent, engine.forbidden_mask, None,
                      uniforms=rule.uniforms[0])
 
     def llm_step_then_rule() -> None:  # what one token step replaces: the runner's step, then the head's call
-        hidden_last = llm_runner(engine.model.llm.embed(torch.tensor([1000], device=engine.device)), position, 1)
-        int(engine.heads.llm(hidden_last[:, -1], rule.settings[0], rule.ring, rule.uniforms[0]))
+        hidden = llm_runner(engine.model.llm.embed(torch.tensor([1000], device=engine.device)), position, 1)
+        logits_and_rule(hidden[:, -1])
 
     def llm_token_step() -> None:
         engine.llm_steps(1, 1000, position, 0, 1000, False, 0)
@@ -164,14 +164,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for index in range(8, speak_index):
         run_unit(index)
     speak_table = kernel_table(lambda: run_unit(speak_index))
-    kv_len = round_up_kv_len(position + 1, llm_runner.max_len, llm_runner.kv_bucket)
+    kv_len = llm_runner.decode_kv_len(position)
 
     def uncaptured_steps() -> None:
         llm_runner._start.fill_(position)
         with llm_runner.kernel_switches():
             for _ in range(5):
                 llm_runner._step(0, 1, kv_len)
-        int(engine.heads.llm(last, rule.settings[0], rule.ring, rule.uniforms[0]))
+        logits_and_rule()
 
     uncaptured_steps()
     step_table = kernel_table(uncaptured_steps)
